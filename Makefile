@@ -1,0 +1,47 @@
+# Every target does its own set-up: typing `make test` or `make repro` on a fresh machine is all it takes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROFILE ?= miniature
+# Tests and CPU runs: one BLAS thread per process, so parallel notebooks do not oversubscribe the cores.
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+
+.PHONY: venv test test-fast export-check repro repro-paper bench clean
+
+venv: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel packaging
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+## The test command: notebooks and library agree, notebooks are clean, every notebook's tests pass,
+## and the smoke profile of the pipeline runs end to end.
+test: venv export-check
+	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/python -m pytest -q tests
+
+export-check: venv
+	@before="$$(git status --porcelain; git diff | sha1sum)"; \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean; \
+	after="$$(git status --porcelain; git diff | sha1sum)"; \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "export-check: nbdev_export/nbdev_clean changed the tree; run them and commit the result:"; \
+	  git status --short; exit 1; \
+	fi; echo "export-check: library and notebooks agree, notebooks are clean"
+
+## The main job: reproduce the whole study (default: the miniature world) with DVC.
+repro: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tga_zsr.pipeline_setup --profile $(PROFILE)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+repro-paper:
+	$(MAKE) repro PROFILE=paper
+
+bench: venv
+	$(BIN)/python benchmarks/bench_step.py
