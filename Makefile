@@ -17,9 +17,6 @@ $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel packaging
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@# A second step on purpose: torchattacks pins requests~=2.25, jupyterlab needs a newer one; pip upgrades it and
-	@# warns (harmless: torchattacks never imports requests). Resolving both at once sends pip into endless backtracking.
-	$(BIN)/python -m pip install -q "jupyterlab>=4"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 

@@ -24,7 +24,6 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 pipeline_requirements = shlex.split(cfg.get('pipeline_requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
-lab_requirements = shlex.split(cfg.get('lab_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 
@@ -43,8 +42,7 @@ setuptools.setup(
     package_data={cfg['lib_name']: ['assets/*.json', 'assets/*.txt', 'assets/*.yaml']},
     install_requires=requirements,
     extras_require={'pipeline': pipeline_requirements,
-                    'dev': pipeline_requirements + dev_requirements,
-                    'lab': lab_requirements},
+                    'dev': pipeline_requirements + dev_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
