@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROFILE ?= miniature
+# `make repro` runs params.yaml as it is; `make repro PROFILE=smoke|miniature|paper` copies profiles/<PROFILE>.yaml over it first.
+PROFILE ?=
 # Tests and CPU runs: one BLAS thread per process, so parallel notebooks do not oversubscribe the cores.
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
@@ -35,9 +36,11 @@ export-check: venv
 	  git status --short; exit 1; \
 	fi; echo "export-check: library and notebooks agree, notebooks are clean"
 
-## The main job: reproduce the whole study (default: the miniature world) with DVC.
+## The main job: reproduce the whole study with DVC (params.yaml: the miniature world, ~30 min on 2 CPU cores).
+## `setup` switches profile (PROFILE=...), validates params.yaml and regenerates data/ when it is missing (the miniature
+## world is deterministic: it matches data.dvc), or says how to prepare the paper's datasets; then `dvc repro`.
 repro: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tga_zsr.pipeline_setup --profile $(PROFILE)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tga_zsr.pipeline setup $(if $(PROFILE),--profile $(PROFILE))
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 repro-paper:

@@ -1,0 +1,170 @@
+"""End-to-end test of the DVC pipeline with the smoke profile, in a temporary copy of the repository.
+
+The copy holds exactly what git would hand a new user (tracked files plus untracked, not ignored ones). The test
+switches it to profiles/smoke.yaml, bootstraps the data (`python -m tga_zsr.pipeline setup`: the tiny world is
+generated and re-tracked with `dvc add data`), runs `dvc repro`, and checks:
+
+- every stage ran and wrote what it should (metrics JSONs of the right shape, figures, report, executed notebooks);
+- `dvc metrics show` reads the metrics; a second `dvc repro` runs nothing;
+- editing one method's option invalidates only that method's stages (and figures/report);
+- a bad value in params.yaml makes `dvc repro` fail with one message naming the key, keeping the failed notebook.
+
+Timings are printed. Set TGA_ZSR_SMOKE_LIMIT (seconds, default 300) to change the time limit of `dvc repro`.
+"""
+import json, os, re, shutil, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LIMIT = float(os.environ.get('TGA_ZSR_SMOKE_LIMIT', 300))
+TIMES: dict[str, float] = {}
+
+
+def run(cmd, cwd, check=True):
+    "Run with the venv's binaries first on PATH; on failure show the output's tail."
+    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", 'OMP_NUM_THREADS': '1',
+           'MKL_NUM_THREADS': '1', 'PYTHONDONTWRITEBYTECODE': '1'}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}")
+    return r
+
+
+def copy_repo(dst: Path) -> Path:
+    "The files a clone would have (git ls-files -co --exclude-standard), in a new git repository with one commit."
+    files = run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], REPO).stdout.split('\0')
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    run(['git', 'init', '-q'], dst)
+    run(['git', 'add', '-A'], dst)
+    run(['git', '-c', 'user.name=smoke', '-c', 'user.email=smoke@localhost', '-c', 'commit.gpgsign=false',
+         'commit', '-q', '-m', 'smoke copy', '--no-verify'], dst)   # dvclive needs a commit to exist
+    return dst
+
+
+@pytest.fixture(scope='module')
+def repo(tmp_path_factory):
+    t0 = time.time()
+    dst = copy_repo(tmp_path_factory.mktemp('pipeline') / 'repo')
+    shutil.copyfile(dst / 'profiles' / 'smoke.yaml', dst / 'params.yaml')
+    TIMES['copy'] = time.time() - t0
+    t0 = time.time()
+    run([sys.executable, '-m', 'tga_zsr.pipeline', 'setup'], dst)
+    TIMES['setup (data)'] = time.time() - t0
+    t0 = time.time()
+    r = run(['dvc', 'repro'], dst)
+    TIMES['dvc repro'] = time.time() - t0
+    (dst / 'repro.log').write_text(r.stdout + r.stderr)
+    return dst
+
+
+@pytest.fixture(scope='module')
+def params(repo):
+    return yaml.safe_load((repo / 'params.yaml').read_text())
+
+
+def test_repro_runs_every_stage(repo, params, capsys):
+    with capsys.disabled():
+        print('\nsmoke pipeline timings: ' + ', '.join(f'{k} {v:.0f}s' for k, v in TIMES.items()))
+        log = (repo / 'repro.log').read_text()
+        stage_times = re.findall(r'stage (\S+): done in ([\d.]+)s', log)
+        print('  per stage: ' + ', '.join(f'{s} {t}s' for s, t in stage_times))
+    methods = list(params['methods'])
+    assert len(stage_times) == 4 + 2 * len(methods)
+    assert TIMES['dvc repro'] <= LIMIT, f"dvc repro took {TIMES['dvc repro']:.0f}s (limit {LIMIT:.0f}s)"
+    nbs = repo / 'results' / 'notebooks'
+    for stage in ('data', 'pretrain', 'figures', 'report'): assert (nbs / f'{stage}.ipynb').is_file(), stage
+    for m in methods:
+        assert (nbs / 'finetune' / f'{m}.ipynb').is_file() and (nbs / 'evaluate' / f'{m}.ipynb').is_file(), m
+        assert (repo / 'models' / m / 'model.safetensors').is_file(), m
+        assert (repo / 'results' / 'curves' / f'{m}.tsv').read_text().startswith('step\t'), m
+    assert (repo / 'models' / 'pretrained.safetensors').is_file()
+
+
+def test_metrics_have_the_paper_shape(repo, params):
+    datasets = params['evaluate']['datasets']
+    for m in params['methods']:
+        files = sorted((repo / 'results' / 'metrics' / m).glob('*.json'))
+        assert [f.name for f in files] == [f'{m}_pgd.json'], files
+        r = json.loads(files[0].read_text())
+        assert r['method'] == m and r['attack'] == {'name': 'pgd', 'norm': 'linf', 'eps': 1.0, 'steps': 2, 'step_size': 1.0}
+        for kind in ('clean', 'robust'):
+            assert sorted(r[kind]) == sorted(datasets + ['avg'])
+            assert all(0 <= v <= 100 for v in r[kind].values())
+            assert abs(r[kind]['avg'] - sum(r[kind][d] for d in datasets) / len(datasets)) < 1e-3
+        assert r['n'] == {d: params['evaluate']['max_images'] for d in datasets}
+    shift = json.loads((repo / 'results' / 'eval' / 'tga_zsr' / 'attention.json').read_text())
+    assert set(shift) == set(params['evaluate']['attention']['datasets'])
+    assert {'adv_vs_clean', 'adv_vs_original', 'energy', 'pointing'} <= set(shift['shapes'])
+
+
+def test_figures_and_report(repo, params):
+    figs = repo / 'results' / 'figures'
+    for name in ('tradeoff', 'per_dataset', 'attention_grid', 'attention_stats', 'training_curves'):
+        assert (figs / f'{name}.png').read_bytes()[:4] == b'\x89PNG', name
+    report = (repo / 'results' / 'report.md').read_text()
+    from tga_zsr.reporting import method_title
+    for m in params['methods']: assert report.count(f'| {method_title(m)} |') >= 3, m   # robust, clean, attention tables
+    datasets = params['evaluate']['datasets']
+    assert f"| Method | {' | '.join(datasets)} | Average |" in report   # the columns in params.yaml's order
+    for f in ('figures/tradeoff.png', 'figures/attention_grid.png', 'data/samples.png'): assert f'({f})' in report, f
+    assert '## Reading' in report and 'most robust method is' in report
+
+
+def test_dvc_metrics_show(repo, params):
+    out = json.loads(run(['dvc', 'metrics', 'show', '--json'], repo).stdout)
+    files = {Path(p).name for rev in out.values() for p in rev['data']}
+    assert files == {f'{m}_pgd.json' for m in params['methods']}
+
+
+def test_second_repro_is_a_no_op(repo):
+    t0 = time.time()
+    r = run(['dvc', 'repro'], repo)
+    TIMES['second dvc repro'] = time.time() - t0
+    assert 'Running stage' not in r.stdout + r.stderr, r.stdout
+    assert 'up to date' in run(['dvc', 'status'], repo).stdout
+
+
+def _edit_params(repo, edit):
+    path = repo / 'params.yaml'; old = path.read_text()
+    P = yaml.safe_load(old); edit(P)
+    path.write_text(yaml.safe_dump(P, sort_keys=False))
+    return old
+
+
+def test_one_method_change_invalidates_only_its_stages(repo):
+    old = _edit_params(repo, lambda P: P['methods']['tga_zsr'].update(alpha=0.5))
+    try:
+        status = json.loads(run(['dvc', 'status', '--json'], repo).stdout)
+        assert set(status) == {'finetune@tga_zsr', 'figures', 'report'}, status
+    finally:
+        (repo / 'params.yaml').write_text(old)
+    assert 'up to date' in run(['dvc', 'status'], repo).stdout
+
+
+@pytest.mark.parametrize('edit, stage, message', [
+    (lambda P: P['evaluate']['attacks'][0].update(eps=-1), 'evaluate/',
+     'params.yaml: evaluate.attacks[0].eps must be >= 0 (in 1/255 units), got -1'),
+    (lambda P: P['methods'].update(bogus={}), 'finetune/bogus', 'params.yaml: methods.bogus is not a known method'),
+])
+def test_bad_params_fail_with_one_clear_message(repo, edit, stage, message):
+    old = _edit_params(repo, edit)
+    try:
+        t0 = time.time()
+        r = run(['dvc', 'repro'], repo, check=False)
+        TIMES[f'failing repro ({stage})'] = time.time() - t0
+        assert r.returncode != 0
+        err_lines = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith('error: ')]
+        assert len(err_lines) == 1 and message in err_lines[0], r.stdout[-2000:] + r.stderr[-2000:]
+        kept = Path(re.search(r'executed notebook kept at (\S+)\)', err_lines[0]).group(1))
+        assert f'results/notebooks/{stage}' in str(kept), kept
+        assert kept.is_file() and 'TGAZSRError' in kept.read_text()
+        assert 'Running stage \'figures\'' not in r.stdout   # nothing downstream ran
+    finally:
+        (repo / 'params.yaml').write_text(old)
