@@ -114,7 +114,10 @@ def test_figures_and_report(repo, params):
     datasets = params['evaluate']['datasets']
     assert f"| Method | {' | '.join(datasets)} | Average |" in report   # the columns in params.yaml's order
     for f in ('figures/tradeoff.png', 'figures/attention_grid.png', 'data/samples.png'): assert f'({f})' in report, f
-    assert '## Reading' in report and 'most robust method is' in report
+    reading = report.split('## Reading', 1)[-1].split('\n## ', 1)[0]
+    assert '## Reading' in report
+    # the smoke models are near chance, so several may tie for the top: either sentence names the winner(s)
+    assert re.search(r'most robust method is|methods share the highest average robust accuracy', reading), reading
 
 
 def test_dvc_metrics_show(repo, params):
