@@ -308,7 +308,7 @@ def bootstrap_data(params: Mapping, root: str | os.PathLike = '.', track: bool =
     with tempfile.TemporaryDirectory(prefix=f'.{DATA_DIR}-new-', dir=data.parent) as d:
         fresh = Path(d) / 'world'
         generate_world(fresh, cfg)
-        if have == want and _tree_sha(fresh) == _tree_sha(data):
+        if have == want and _first_difference(_tree_sha(fresh), _tree_sha(data)) is None:
             log(f"data: {data} is byte for byte what the generator makes ({time.time() - t0:.1f}s)")
         else:
             if data.exists(): shutil.rmtree(data)
@@ -334,15 +334,18 @@ def verify_world(params: Mapping, root: str | os.PathLike = '.') -> dict[str, st
     with tempfile.TemporaryDirectory(prefix='tga_zsr_world_') as d:
         generate_world(Path(d) / 'world', world_config(params))
         fresh = _tree_sha(Path(d) / 'world')
-    have = _tree_sha(data)
-    diff = sorted(set(fresh) ^ set(have)) or [f for f in sorted(fresh) if fresh[f] != have[f]]
-    if diff:
-        raise _err(f"{data} is not the world that tga_zsr.miniworld generates for data.world (first difference: {diff[0]}); "
+    diff = _first_difference(fresh, _tree_sha(data))
+    if diff is not None:
+        raise _err(f"{data} is not the world that tga_zsr.miniworld generates for data.world (first difference: {diff}); "
                    f"regenerate it with `python -m tga_zsr.pipeline setup --regenerate`")
     return fresh
 
 def _tree_sha(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob('*')) if p.is_file()}
+
+def _first_difference(a: dict[str, str], b: dict[str, str]) -> str | None:
+    "The first file (sorted) that one tree lacks or that differs between two `_tree_sha` listings; None if identical."
+    return next((f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)), None)
 
 def _check_paper_data(params: Mapping, data: Path) -> dict:
     from tga_zsr.datasets import DATASETS, paper_dataset_name
@@ -675,7 +678,7 @@ def stage_figures(params: Mapping, root: str | os.PathLike = '.') -> dict[str, s
     # The original model's clean and adversarial maps, then each shown method's adversarial maps (same images: same seed)
     shown = [m for m in (params.get('figures') or {}).get('attention_methods', ['tga_zsr']) if m != 'clip']
     files = [f for m in ['clip'] + shown if (f := root / stage_paths(m)['examples']).is_file()]
-    if files and (root / stage_paths('clip')['examples']).is_file():
+    if (root / stage_paths('clip')['examples']).is_file():          # the grid needs the original model's maps
         from tga_zsr.evaluation import load_attention_examples
         ex = load_attention_examples(files)
         R.plot_attention_grid(ex, figdir / 'attention_grid.png', methods=shown, original='clip',

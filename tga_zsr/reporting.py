@@ -13,7 +13,7 @@ import numpy as np
 from .core import TGAZSRError, atomic_path, load_json
 
 # %% auto #0
-__all__ = ['PAPER_TABLES', 'PAPER_ATTACK', 'PAPER_DATASET_KEYS', 'METHOD_TITLES', 'PAPER_RESULTS', 'method_title',
+__all__ = ['PAPER_TABLES', 'PAPER_ATTACK', 'PAPER_DATASET_KEYS', 'METHOD_TITLES', 'PAPER_RESULTS', 'TIE', 'method_title',
            'dataset_title', 'parse_paper_tables', 'is_metrics', 'load_metrics', 'load_attention', 'attack_label',
            'order_datasets', 'by_attack', 'datasets_of', 'synthetic_results', 'accuracy_table', 'markdown_table',
            'paper_comparison_table', 'plot_tradeoff', 'plot_per_dataset', 'plot_attention_grid', 'attention_summary',
@@ -416,7 +416,9 @@ def avg_stderr(result: Mapping, kind: str = 'robust') -> float | None:
     var = sum((result[kind][d] / 100) * (1 - result[kind][d] / 100) / n[d] for d in ds)
     return 100 * math.sqrt(var) / len(ds)
 
-def kendall_tau(a: Mapping[str, float], b: Mapping[str, float], tol: float = 0.005) -> float | None:
+TIE = 0.005   # accuracies (in %) closer than this count as tied
+
+def kendall_tau(a: Mapping[str, float], b: Mapping[str, float], tol: float = TIE) -> float | None:
     """Kendall's τ-b between two scorings `{name: score}` over their common names (ties, within `tol`, count for
     neither order); None when fewer than 2 names are shared or one side is all ties."""
     common = [x for x in a if x in b]
@@ -442,7 +444,7 @@ def reading(results_by_method: Mapping[str, dict], attention: Mapping[str, Mappi
     out = []
     rob = _rank(R, 'robust'); cln = _rank(R, 'clean')
     best, second = rob[0], (rob[1] if len(rob) > 1 else None)
-    top = [m for m in rob if abs(R[m]['robust']['avg'] - R[best]['robust']['avg']) < 0.005]
+    top = [m for m in rob if abs(R[m]['robust']['avg'] - R[best]['robust']['avg']) < TIE]
     s = f"The most robust method is {t(best)} ({R[best]['robust']['avg']:.2f}% average robust accuracy"
     if len(top) > 2:
         s = (f"{len(top)} methods share the highest average robust accuracy ({R[best]['robust']['avg']:.2f}%): "
@@ -450,9 +452,9 @@ def reading(results_by_method: Mapping[str, dict], attention: Mapping[str, Mappi
     elif second:
         gap = R[best]['robust']['avg'] - R[second]['robust']['avg']
         se = [avg_stderr(R[m]) for m in (best, second)]
-        if gap < 0.005: s += f"), tied with {t(second)}"
+        if gap < TIE: s += f"), tied with {t(second)}"
         else: s += f"), {gap:.2f} points ahead of {t(second)} ({R[second]['robust']['avg']:.2f}%)"
-        if None not in se and gap >= 0.005:
+        if None not in se and gap >= TIE:
             noise = 2 * math.sqrt(se[0] ** 2 + se[1] ** 2)
             s += (f"; the gap is {'larger' if gap > noise else 'smaller'} than twice its sampling error "
                   f"({noise:.2f} points), so it is {'unlikely to be' if gap > noise else 'possibly'} noise")
@@ -462,9 +464,10 @@ def reading(results_by_method: Mapping[str, dict], attention: Mapping[str, Mappi
     out.append(f"The highest clean accuracy is {t(cln[0])}'s ({R[cln[0]]['clean']['avg']:.2f}%).")
     same = [(m, n) for i, m in enumerate(R) for n in list(R)[i + 1:]
             if all(R[m][k] == R[n][k] for k in ('clean', 'robust'))]
-    for m, n in same:      # e.g. TGA-ZSR (Grad-CAM): constant attention terms train exactly like FT-Adv (see 08_methods)
-        out.append(f"{t(n)} and {t(m)} have identical results on every dataset: the same model came out of training "
-                   f"(for TGA-ZSR (Grad-CAM) this is expected: its attention terms carry no gradient, as in the official code).")
+    for m, n in same:
+        why = (" (expected for TGA-ZSR (Grad-CAM): its attention terms carry no gradient, as in the official code, so it "
+               "trains like plain adversarial fine-tuning)" if 'tga_zsr_visual' in (m, n) else '')
+        out.append(f"{t(n)} and {t(m)} have identical results on every dataset: the same model came out of training{why}.")
     if original in R:
         o = R[original]
         out.append(f"The original model ({t(original)}) has {o['clean']['avg']:.2f}% clean and {o['robust']['avg']:.2f}% "
@@ -475,8 +478,8 @@ def reading(results_by_method: Mapping[str, dict], attention: Mapping[str, Mappi
                        f"accuracy by {u['clean']['avg'] - o['clean']['avg']:+.2f} points relative to {t(original)}.")
     if ours in R and len(R) > 1:
         mine = R[ours]['robust']['avg']
-        pos = 1 + sum(R[m]['robust']['avg'] > mine + 0.005 for m in R)   # ties share the better rank
-        tied = sum(abs(R[m]['robust']['avg'] - mine) < 0.005 for m in R if m != ours)
+        pos = 1 + sum(R[m]['robust']['avg'] > mine + TIE for m in R)   # ties share the better rank
+        tied = sum(abs(R[m]['robust']['avg'] - mine) < TIE for m in R if m != ours)
         ds = datasets_of(R)
         wins = sum(all(R[ours]['robust'].get(d, -1) >= R[m]['robust'].get(d, -1) for m in R) for d in ds)
         out.append(f"{t(ours)} ranks {pos} of {len(R)} in average robust accuracy{f' (tied with {tied} other method(s))' if tied else ''} "
