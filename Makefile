@@ -10,7 +10,7 @@ PROFILE ?=
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-fast export-check repro repro-paper bench clean
+.PHONY: venv test test-paper export-check repro repro-paper bench bench-gpu
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ export-check: venv
 	  git status --short; exit 1; \
 	fi; echo "export-check: library and notebooks agree, notebooks are clean"
 
+## Dry run of the paper profile: its own dvc.yaml stages via `dvc repro` in a temporary copy, on CPU, ViT-B-32 (QuickGELU,
+## 224 px) with random weights behind the `openai` tag, fixture datasets in their real layouts, tiny budgets (<= 15 min).
+test-paper: venv
+	cd tests && ../$(BIN)/python paper_dry_run.py
+
 ## The main job: reproduce the whole study with DVC (params.yaml: the miniature world, ~30 min on 2 CPU cores).
 ## `setup` switches profile (PROFILE=...), validates params.yaml and regenerates data/ when it is missing (the miniature
 ## world is deterministic: it matches data.dvc), or says how to prepare the paper's datasets; then `dvc repro`.
@@ -48,3 +53,7 @@ repro-paper:
 
 bench: venv
 	$(BIN)/python benchmarks/bench_step.py
+
+## GPU readiness (needs CUDA): the paper-scale TGA-ZSR step and PGD-100 evaluation, next to the paper's Table 8.
+bench-gpu: venv
+	$(BIN)/python benchmarks/bench_paper_gpu.py

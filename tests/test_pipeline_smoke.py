@@ -17,35 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from repo_copy import REPO, BIN, run, copy_repo
+
 LIMIT = float(os.environ.get('TGA_ZSR_SMOKE_LIMIT', 300))
 TIMES: dict[str, float] = {}
-
-
-def run(cmd, cwd, check=True):
-    "Run with the venv's binaries first on PATH; on failure show the output's tail."
-    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", 'OMP_NUM_THREADS': '1',
-           'MKL_NUM_THREADS': '1', 'PYTHONDONTWRITEBYTECODE': '1'}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}")
-    return r
-
-
-def copy_repo(dst: Path) -> Path:
-    "The files a clone would have (git ls-files -co --exclude-standard), in a new git repository with one commit."
-    files = run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], REPO).stdout.split('\0')
-    for f in filter(None, files):
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    run(['git', 'init', '-q'], dst)
-    run(['git', 'add', '-A'], dst)
-    run(['git', '-c', 'user.name=smoke', '-c', 'user.email=smoke@localhost', '-c', 'commit.gpgsign=false',
-         'commit', '-q', '-m', 'smoke copy', '--no-verify'], dst)   # dvclive needs a commit to exist
-    return dst
 
 
 @pytest.fixture(scope='module')

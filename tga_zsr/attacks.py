@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchattacks
 
-from .core import Registry, TGAZSRError, autocast, from_255
+from .core import Registry, TGAZSRError, autocast, check_precision, from_255
 
 # %% auto #0
 __all__ = ['NORMS', 'ATTACKS', 'attack_mode', 'random_delta', 'project', 'pgd', 'cw_loss', 'apgd_attack', 'auto_attack',
@@ -39,10 +39,17 @@ def attack_mode(model):
         for m, training in modes: m.training = training
         for p, g in zip(params, grads): p.grad = g
 
-def _model_output(model, x: torch.Tensor):
-    "Forward under bf16 autocast on CUDA (nothing on CPU); floating outputs come back as fp32 for the loss."
-    with autocast(x.device): out = model(x)
+def _precision_context(device: torch.device, precision: str | None):
+    "`core.autocast(device, precision)`; None: no context of its own (the caller's autocast, if any, applies)."
+    return contextlib.nullcontext() if precision is None else autocast(device, precision)
+
+def _model_output(model, x: torch.Tensor, precision: str | None = None):
+    "Forward under `precision` (None: the caller's autocast); floating outputs come back as fp32 for the loss."
+    with _precision_context(x.device, precision): out = model(x)
     return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+def _check_precision(precision: str | None, device: torch.device) -> None:
+    if precision is not None: check_precision(precision, device)   # a bad name or device fails before any work
 
 def _check_budget(eps: float, alpha: float, steps: int, norm: str) -> None:
     if norm not in NORMS: raise TGAZSRError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -82,9 +89,10 @@ def _cross_entropy(logits, labels): return F.cross_entropy(logits, labels)
 
 def pgd(model: Callable, images: torch.Tensor, labels, eps: float, alpha: float, steps: int, norm: str = 'linf',
         loss_fn: Callable | None = None, random_start: bool = True, generator: torch.Generator | None = None,
-        delta_init: torch.Tensor | None = None) -> torch.Tensor:
+        delta_init: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
     "Projected gradient ascent of `loss_fn(model(x + δ), labels)` (official TeCoA/TGA-ZSR semantics); detached adversarial images in [0, 1]."
     _check_budget(eps, alpha, steps, norm)
+    _check_precision(precision, images.device)
     images = images.detach()
     if eps == 0: return images.clone()
     loss_fn = loss_fn or _cross_entropy
@@ -98,7 +106,7 @@ def pgd(model: Callable, images: torch.Tensor, labels, eps: float, alpha: float,
     with attack_mode(model), torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = loss_fn(_model_output(model, images + delta), labels)
+            loss = loss_fn(_model_output(model, images + delta, precision), labels)
             if loss.ndim != 0: raise TGAZSRError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
             grad, = torch.autograd.grad(loss, delta)
             with torch.no_grad(): delta = project(delta.detach() + alpha * _ascent_direction(grad, norm), images, eps, norm)
@@ -116,10 +124,10 @@ def cw_loss(logits: torch.Tensor, labels: torch.Tensor, kappa: float = 50.) -> t
 _TA_NORMS = {'linf': 'Linf', 'l2': 'L2'}
 
 class _FloatLogits(nn.Module):
-    "What torchattacks attacks: pixels in [0, 1] -> fp32 logits, the forward under bf16 autocast on CUDA."
-    def __init__(self, model: nn.Module):
-        super().__init__(); self.model = model
-    def forward(self, x): return _model_output(self.model, x)
+    "What torchattacks attacks: pixels in [0, 1] -> fp32 logits, the forward under `precision` (`core.autocast`)."
+    def __init__(self, model: nn.Module, precision: str | None = None):
+        super().__init__(); self.model, self.precision = model, precision
+    def forward(self, x): return _model_output(self.model, x, self.precision)
 
 @contextlib.contextmanager
 def _global_rng_kept(device: torch.device):
@@ -127,12 +135,12 @@ def _global_rng_kept(device: torch.device):
     cuda = device.type == 'cuda' or torch.cuda.is_initialized()
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []): yield
 
-def _n_classes(classifier, images, n_classes):
+def _n_classes(classifier, images, n_classes, precision=None):
     if n_classes is None:
         w = getattr(classifier, 'weights', None)
         if torch.is_tensor(w): n_classes = w.shape[0]
         else:
-            with torch.no_grad(), attack_mode(classifier): n_classes = _model_output(classifier, images[:1]).shape[1]
+            with torch.no_grad(), attack_mode(classifier): n_classes = _model_output(classifier, images[:1], precision).shape[1]
     if n_classes < 2: raise TGAZSRError(f"attacks need at least 2 classes, got n_classes={n_classes}")
     return int(n_classes)
 
@@ -142,13 +150,15 @@ def _run_torchattacks(classifier, attacks, images, labels):
         return atk(images, labels).detach()
 
 def apgd_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float | None = None,
-                steps: int = 100, norm: str = 'linf', n_classes: int | None = None, seed: int = 0) -> torch.Tensor:
+                steps: int = 100, norm: str = 'linf', n_classes: int | None = None, seed: int = 0,
+                precision: str | None = None) -> torch.Tensor:
     "The official 'AutoAttack': APGD-CE then APGD-DLR (CE only for 2 classes), per-sample worst case, via torchattacks."
     _check_budget(eps, alpha or 0., steps, norm)
+    _check_precision(precision, images.device)
     images = images.detach()
     if eps == 0 or steps == 0: return images.clone()
-    n_classes = _n_classes(classifier, images, n_classes)
-    net = _FloatLogits(classifier)
+    n_classes = _n_classes(classifier, images, n_classes, precision)
+    net = _FloatLogits(classifier, precision)
     kw = dict(norm=_TA_NORMS[norm], eps=eps, steps=steps, n_restarts=1, seed=seed)
     attacks = [torchattacks.APGD(net, loss='ce', **kw)]
     if n_classes >= 3: attacks.append(torchattacks.APGD(net, loss='dlr', **kw))
@@ -164,14 +174,15 @@ def _check_square_l2_size(hw):
 
 def auto_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float | None = None,
                 steps: int = 100, norm: str = 'linf', n_classes: int | None = None, seed: int = 0,
-                square_queries: int = 5000) -> torch.Tensor:
+                square_queries: int = 5000, precision: str | None = None) -> torch.Tensor:
     "Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks parts with the reference settings."
     _check_budget(eps, alpha or 0., steps, norm)
+    _check_precision(precision, images.device)
     images = images.detach()
     if eps == 0 or steps == 0: return images.clone()
     if norm == 'l2': _check_square_l2_size(images.shape[-2:])
-    n_classes = _n_classes(classifier, images, n_classes)
-    net, tn, n_targets = _FloatLogits(classifier), _TA_NORMS[norm], min(9, n_classes - 1)
+    n_classes = _n_classes(classifier, images, n_classes, precision)
+    net, tn, n_targets = _FloatLogits(classifier, precision), _TA_NORMS[norm], min(9, n_classes - 1)
     attacks = [torchattacks.APGD(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, loss='ce')]
     if n_classes >= 4: attacks.append(torchattacks.APGDT(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n_classes))
     attacks.append(torchattacks.FAB(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=n_classes))
@@ -185,20 +196,21 @@ def auto_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tenso
 ATTACKS = Registry('attack')
 
 @ATTACKS.register('none')
-def no_attack(classifier, images, labels, eps=0., alpha=0., steps=0, norm='linf', n_classes=None, seed=0):
+def no_attack(classifier, images, labels, eps=0., alpha=0., steps=0, norm='linf', n_classes=None, seed=0, precision=None):
     "Clean evaluation: the images, unchanged."
     return images.detach()
 
 @ATTACKS.register('pgd')
-def pgd_attack(classifier, images, labels, eps, alpha, steps, norm='linf', n_classes=None, seed=0):
+def pgd_attack(classifier, images, labels, eps, alpha, steps, norm='linf', n_classes=None, seed=0, precision=None):
     "PGD on the cross-entropy, random start from `seed`."
-    return pgd(classifier, images, labels, eps, alpha, steps, norm, generator=torch.Generator().manual_seed(seed))
+    return pgd(classifier, images, labels, eps, alpha, steps, norm, generator=torch.Generator().manual_seed(seed),
+               precision=precision)
 
 @ATTACKS.register('cw')
-def cw_attack(classifier, images, labels, eps, alpha, steps, norm='linf', n_classes=None, seed=0):
+def cw_attack(classifier, images, labels, eps, alpha, steps, norm='linf', n_classes=None, seed=0, precision=None):
     "PGD on the CW margin loss (kappa = 50), random start from `seed`."
     return pgd(classifier, images, labels, eps, alpha, steps, norm, loss_fn=cw_loss,
-               generator=torch.Generator().manual_seed(seed))
+               generator=torch.Generator().manual_seed(seed), precision=precision)
 
 ATTACKS.register('apgd', apgd_attack)
 ATTACKS.register('autoattack', auto_attack)
@@ -221,11 +233,12 @@ class AttackConfig:
             raise TGAZSRError(f"steps must be a non-negative integer, got {self.steps}")
         self.eps, self.step_size, self.steps = float(self.eps), float(self.step_size), int(self.steps)
 
-    def run(self, classifier, images, labels, n_classes: int | None = None, seed: int = 0) -> torch.Tensor:
-        "Adversarial images for `images` (pixels in [0, 1]) under this attack."
+    def run(self, classifier, images, labels, n_classes: int | None = None, seed: int = 0,
+            precision: str | None = None) -> torch.Tensor:
+        "Adversarial images for `images` (pixels in [0, 1]) under this attack, forwards in `precision` (`core.autocast`)."
         return ATTACKS[self.name](classifier, images, labels, eps=from_255(self.eps, 'eps'),
                                   alpha=from_255(self.step_size, 'step_size'), steps=self.steps, norm=self.norm,
-                                  n_classes=n_classes, seed=seed)
+                                  n_classes=n_classes, seed=seed, precision=precision)
 
     def as_dict(self) -> dict:
         return {'name': self.name, 'norm': self.norm, 'eps': self.eps, 'steps': self.steps, 'step_size': self.step_size}

@@ -16,7 +16,7 @@ from .core import TGAZSRError
 
 # %% auto #0
 __all__ = ['TOKEN_NORMS', 'NOT_TEMPLATE', 'minmax_per_sample', 'text_guided_attention', 'complementary_attention',
-           'vit_reshape_transform', 'gradcam_attention']
+           'vit_reshape_transform', 'explained_classes', 'gradcam_attention']
 
 # %% ../nbs/03_attention.ipynb #6d3cc6f8
 def _size2(image_size) -> tuple[int, int]:
@@ -108,7 +108,20 @@ class _DetachedClassifier(nn.Module):
         weights = {name: p.detach() for name, p in clf.named_parameters()}
         return torch.func.functional_call(clf, weights, (images,))
 
-def _gradcam_package(classifier, images, labels, size_hw, layer, grid, batch_first) -> torch.Tensor:
+def explained_classes(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The class each Grad-CAM map explains: `labels`, or, given `candidates`, each row's highest-scoring class among
+    them (the official choice with `candidates=labels`: the arg-max over the batch's target texts)."""
+    if candidates is None: return labels
+    cand = candidates.to(logits.device).long().flatten()
+    return cand[logits.detach()[:, cand].argmax(1)]
+
+class _BestOf:
+    "A `pytorch_grad_cam` target: the logit of the highest-scoring class among `candidates` (one output row)."
+    def __init__(self, candidates: torch.Tensor): self.candidates = candidates
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[explained_classes(output[None], None, self.candidates)[0]]
+
+def _gradcam_package(classifier, images, labels, size_hw, layer, grid, batch_first, candidates=None) -> torch.Tensor:
     from pytorch_grad_cam import GradCAM  # imported here: the package takes seconds to import
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -120,12 +133,14 @@ def _gradcam_package(classifier, images, labels, size_hw, layer, grid, batch_fir
     try:
         with torch.enable_grad():
             x = images.detach().clone().requires_grad_(True)  # the only leaf of the package's backward
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in labels.tolist()])
+            targets = ([ClassifierOutputTarget(int(c)) for c in labels.tolist()] if candidates is None
+                       else [_BestOf(candidates)] * len(images))
+            maps = cam(input_tensor=x, targets=targets)
     finally:
         cam.activations_and_grads.release()
     return torch.from_numpy(maps).to(images.device)
 
-def _gradcam_autograd(classifier, images, labels, size_hw, layer, grid, batch_first) -> torch.Tensor:
+def _gradcam_autograd(classifier, images, labels, size_hw, layer, grid, batch_first, candidates=None) -> torch.Tensor:
     stored = {}
     def keep(module, inputs, output):
         if not output.requires_grad:  # frozen model on clean images: make the activation a leaf to differentiate
@@ -137,7 +152,8 @@ def _gradcam_autograd(classifier, images, labels, size_hw, layer, grid, batch_fi
         # the math SDPA kernel: the fused CPU/CUDA attention kernels have no double backward, create_graph needs one
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             logits = classifier(images)
-            score = logits.gather(1, labels.view(-1, 1).to(logits.device)).sum()
+            classes = explained_classes(logits, labels.to(logits.device), candidates)
+            score = logits.gather(1, classes.view(-1, 1)).sum()
             grads, = torch.autograd.grad(score, stored['act'], create_graph=True)
     finally:
         handle.remove()
@@ -148,11 +164,14 @@ def _gradcam_autograd(classifier, images, labels, size_hw, layer, grid, batch_fi
     return minmax_per_sample(cam, eps=1e-7)
 
 def gradcam_attention(classifier, images: torch.Tensor, labels: torch.Tensor, image_size=None,
-                      differentiable: bool = False) -> torch.Tensor:
-    "Grad-CAM maps (B, H, W) in [0, 1] explaining each image's `labels` logit at the last ViT block's ln_1."
+                      differentiable: bool = False, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM maps (B, H, W) in [0, 1] at the last ViT block's ln_1, explaining each image's `labels` logit, or with
+    `candidates` (class indices) its highest-scoring class among them (official: `candidates=labels`)."""
     if images.ndim != 4 or labels.shape != (images.shape[0],):
         raise TGAZSRError(f"images must be (B, 3, H, W) and labels (B,), got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if candidates is not None and (candidates.ndim != 1 or len(candidates) == 0):
+        raise TGAZSRError(f"candidates must be a non-empty 1-D tensor of class indices, got shape {tuple(candidates.shape)}")
     size_hw = _size2(images.shape[-2:] if image_size is None else image_size)
     layer, grid, batch_first = _gradcam_layer(classifier)
     run = _gradcam_autograd if differentiable else _gradcam_package
-    return run(classifier, images, labels, size_hw, layer, grid, batch_first)
+    return run(classifier, images, labels, size_hw, layer, grid, batch_first, candidates)

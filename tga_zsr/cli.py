@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tga_zsr
-from .core import TGAZSRError, safetensors_metadata
+from .core import PRECISIONS, TGAZSRError, safetensors_metadata
 
 # %% auto #0
 __all__ = ['UsageError', 'comments_in_source', 'add_typed_option', 'add_dataclass_options', 'add_signature_options',
@@ -90,14 +90,6 @@ def add_signature_options(parser: argparse.ArgumentParser, fn, skip: Sequence[st
 # %% ../nbs/12_cli.ipynb #229290eb
 _EVAL_DEFAULTS = dict(eps=1.0, steps=100, step_size=1.0, norm='linf')  # the paper's test attack (1/255 units)
 
-def _optional_module(name: str):
-    "Import `tga_zsr.<name>`, or None when that module does not exist (yet)."
-    import importlib
-    try: return importlib.import_module(f'tga_zsr.{name}')
-    except ModuleNotFoundError as e:
-        if e.name == f'tga_zsr.{name}': return None
-        raise
-
 def build_parser() -> argparse.ArgumentParser:
     "The `tga-zsr` argument parser with its subcommands."
     parser = _Parser(prog='tga-zsr', description='TGA-ZSR: adversarial fine-tuning of CLIP with text-guided attention, '
@@ -143,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--batch-size', type=int, default=256, help='evaluation batch size (default: 256)')
     ev.add_argument('--num-workers', type=int, default=0, help='data-loading worker processes (default: 0)')
     ev.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, ... or auto (default: auto)')
+    ev.add_argument('--precision', default='auto', choices=list(PRECISIONS),
+                    help='precision of the forwards, attacks and text encoder: fp32, fp16 (the official fp16 autocast), '
+                         'bf16, or auto = fp16 on CUDA and fp32 on CPU (default: auto)')
     ev.add_argument('--attention-shift', type=int, default=0, metavar='N',
                     help='also measure the attention shift on N images per dataset, against --original (default: 0, off)')
     ev.add_argument('--original', help='the original (reference) model for --attention-shift: checkpoint path or tag')
@@ -165,19 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     mw = sub.add_parser('make-world', help='generate the miniature synthetic world (corpus, fine-tuning set, zero-shot suite)',
                         description='Generate the deterministic miniature world under --root: a profile of '
                                     'miniworld.WORLD_PROFILES, with any WorldConfig field overridden by its option.')
-    miniworld = _optional_module('miniworld')
-    profiles = list(miniworld.WORLD_PROFILES) if miniworld is not None else []
+    from tga_zsr import miniworld
+    profiles = list(miniworld.WORLD_PROFILES)
     mw.add_argument('--root', required=True, help='folder to write the world into (must be empty or absent)')
     mw.add_argument('--profile', default=profiles[0] if profiles else None, choices=profiles or None,
                     help=f"world size profile (choices: {', '.join(profiles) or 'none'}; default: {profiles[0] if profiles else 'none'})")
     mw.add_argument('--overwrite', action='store_true', help='replace an existing world')
     mw.add_argument('--no-progress', action='store_true', help='hide progress bars')
-    if miniworld is not None:
-        world_help = {'seed': 'world seed', 'image_size': 'image side in pixels', 'n_pretrain': 'captioned pretraining images',
-                      'n_finetune_train': 'fine-tuning training images', 'n_finetune_val': 'fine-tuning validation images',
-                      'n_per_suite_dataset': 'images per zero-shot dataset', 'suite': 'zero-shot datasets to generate'}
-        mw.set_defaults(world_fields=add_dataclass_options(mw, miniworld.WorldConfig, exclude=('caption_style',),
-                                                           fallback_help=world_help, default_note="the profile's"))
+    world_help = {'seed': 'world seed', 'image_size': 'image side in pixels', 'n_pretrain': 'captioned pretraining images',
+                  'n_finetune_train': 'fine-tuning training images', 'n_finetune_val': 'fine-tuning validation images',
+                  'n_per_suite_dataset': 'images per zero-shot dataset', 'suite': 'zero-shot datasets to generate'}
+    mw.set_defaults(world_fields=add_dataclass_options(mw, miniworld.WorldConfig, exclude=('caption_style',),
+                                                       fallback_help=world_help, default_note="the profile's"))
     mw.set_defaults(func=_cmd_make_world)
 
     # pretrain: the options after --arch/--corpus/--out/--device/--seed are `pretrain.pretrain_clip`'s keyword parameters
@@ -189,11 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument('--out', required=True, help='output checkpoint (.safetensors)')
     pt.add_argument('--seed', type=int, default=0, help='seed of the initialization and of the training (default: 0)')
     pt.add_argument('--device', default='auto', help='cpu, cuda or auto (default: auto)')
-    pretrain = _optional_module('pretrain')
-    if pretrain is not None:
-        first_two = list(inspect.signature(pretrain.pretrain_clip).parameters)[:2]  # the model and the corpus
-        pt.set_defaults(pretrain_fields=add_signature_options(pt, pretrain.pretrain_clip,
-                                                              skip=(*first_two, 'arch', 'corpus', 'out', 'seed', 'device')))
+    from tga_zsr import pretrain
+    first_two = list(inspect.signature(pretrain.pretrain_clip).parameters)[:2]  # the model and the corpus
+    pt.set_defaults(pretrain_fields=add_signature_options(pt, pretrain.pretrain_clip,
+                                                          skip=(*first_two, 'arch', 'corpus', 'out', 'seed', 'device')))
     pt.set_defaults(func=_cmd_pretrain)
     return parser
 
@@ -267,24 +260,25 @@ def _cmd_evaluate(args) -> int:
     evaluation._check_method_label(method)
     if args.attention_shift and not args.original:
         raise TGAZSRError("--attention-shift needs --original (the reference model's checkpoint or tag)")
-    from tga_zsr.core import resolve_device
+    from tga_zsr.core import resolve_device, check_precision
     device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)   # fp16 on a CPU, bf16 on an old GPU: before loading anything
     # 2. load (a missing or unreadable checkpoint is a user error)
     clip = load_clip(arch, args.checkpoint, device=device)
     original = load_clip(arch, args.original, device=device) if args.attention_shift else None
     # 3. work, then write everything at the end
     results = evaluation.evaluate(clip, args.datasets, root, attacks, method, max_images=args.max_images,
                                   batch_size=args.batch_size, device=device, seed=args.seed,
-                                  num_workers=args.num_workers, progress=not args.no_progress)
+                                  num_workers=args.num_workers, precision=precision, progress=not args.no_progress)
     shift = (evaluation.attention_shift(clip, original, args.datasets, root, attacks[0], n_images=args.attention_shift,
                                         batch_size=min(args.batch_size, args.attention_shift), device=device,
-                                        seed=args.seed, progress=not args.no_progress)
+                                        seed=args.seed, precision=precision, progress=not args.no_progress)
              if args.attention_shift else None)
     examples = (evaluation.attention_examples(clip, method, example_set, root, attacks[0], n_images=args.attention_examples,
-                                              seed=args.seed, device=device) if example_set else None)
+                                              seed=args.seed, device=device, precision=precision) if example_set else None)
     run_meta = {'method': method, 'arch': arch, 'checkpoint': str(args.checkpoint), 'datasets': list(args.datasets),
                 'root': str(root), 'seed': args.seed, 'max_images': args.max_images, 'batch_size': args.batch_size,
-                'attacks': [a.as_dict() for a in attacks], 'tga_zsr_version': tga_zsr.__version__}
+                'attacks': [a.as_dict() for a in attacks], 'precision': precision, 'tga_zsr_version': tga_zsr.__version__}
     paths = evaluation.write_metrics(results, out, meta=run_meta)
     if shift is not None: paths.append(evaluation.write_attention_shift(shift, out, method))
     if examples is not None:
@@ -325,9 +319,7 @@ def _cmd_prepare_data(args) -> int:
     return datasets_mod.run_prepare_data(args)
 
 def _cmd_make_world(args) -> int:
-    miniworld = _optional_module('miniworld')
-    if miniworld is None:  # TODO(lead): remove once 05_miniworld is exported
-        raise TGAZSRError("the miniature-world module (tga_zsr.miniworld) is not available in this installation")
+    from tga_zsr import miniworld
     given = {k: getattr(args, k) for k in args.world_fields if hasattr(args, k)}
     if 'suite' in given: given['suite'] = tuple(given['suite'])
     cfg = dataclasses.replace(miniworld.WORLD_PROFILES[args.profile], **given).validate()
@@ -336,25 +328,14 @@ def _cmd_make_world(args) -> int:
     return 0
 
 def _cmd_pretrain(args) -> int:
-    pretrain = _optional_module('pretrain')
-    if pretrain is None:  # TODO(lead): remove once 06_pretrain is exported
-        raise TGAZSRError("the pretraining module (tga_zsr.pretrain) is not available in this installation")
-    from tga_zsr.core import resolve_device, save_safetensors, seed_everything
-    from tga_zsr.models import ClipModel, load_clip
+    from tga_zsr.pretrain import pretrain_from_scratch
     _check_int(args.seed, '--seed', 0)
     _require_dir(args.corpus, '--corpus')
     if Path(args.out).is_dir(): raise TGAZSRError(f"--out {args.out} is a folder; give a .safetensors file path")
     if Path(args.out).suffix != '.safetensors': raise TGAZSRError(f"--out {args.out} must end in .safetensors")
-    device = resolve_device(args.device)
-    params = inspect.signature(pretrain.pretrain_clip).parameters
     kw = {k: getattr(args, k) for k in args.pretrain_fields if hasattr(args, k)}
-    kw.update({k: v for k, v in (('seed', args.seed), ('device', device)) if k in params})
-    seed_everything(args.seed)
-    clip = load_clip(args.arch, None, device=device)
-    result = pretrain.pretrain_clip(clip, args.corpus, **kw)
-    if isinstance(result, ClipModel): clip = result          # otherwise it trained `clip` in place
-    path = save_safetensors(clip.model.state_dict(), args.out, metadata={'arch': clip.arch, 'format': 'open_clip', 'method': 'clip'})
-    print(f'wrote {path}')
+    pretrain_from_scratch(args.arch, args.corpus, args.out, seed=args.seed, device=args.device, **kw)  # exports with the record
+    print(f'wrote {args.out}')
     return 0
 
 # %% ../nbs/12_cli.ipynb #6f778f17

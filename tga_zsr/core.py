@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2e219fb4
 from __future__ import annotations
-import contextlib, json, os, random, tempfile
+import contextlib, functools, json, os, random, tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TGAZSRError', 'Registry', 'resolve_device', 'autocast', 'seed_everything', 'rng_state', 'set_rng_state',
-           'atomic_path', 'save_json', 'load_json', 'save_safetensors', 'load_safetensors', 'safetensors_metadata',
-           'from_255']
+__all__ = ['PRECISIONS', 'TGAZSRError', 'Registry', 'resolve_device', 'check_precision', 'autocast', 'grad_scaler',
+           'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path', 'save_json', 'load_json', 'save_safetensors',
+           'load_safetensors', 'safetensors_metadata', 'from_255']
 
 # %% ../nbs/00_core.ipynb #d111f58c
 class TGAZSRError(Exception):
@@ -55,11 +55,44 @@ def resolve_device(spec: str | torch.device | None = 'auto') -> torch.device:
         raise TGAZSRError(f"device {spec!r} requested but CUDA is not available on this machine")
     return dev
 
-def autocast(device: torch.device | str, enabled: bool = True):
-    "bf16 autocast on CUDA, a no-op context on CPU (fp32 keeps CPU runs exact)."
+# %% ../nbs/00_core.ipynb #2e14738c
+PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+_AUTOCAST_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+@functools.lru_cache(maxsize=None)
+def _cuda_bf16(index: int | None) -> bool:
+    "Native bf16 on this CUDA device (emulated bf16 on pre-Ampere GPUs is slow: not counted)."
+    with torch.cuda.device(index):
+        try: return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: return torch.cuda.is_bf16_supported()   # older torch: no emulation flag
+
+def check_precision(precision: str, device: torch.device | str | None = None) -> str:
+    "Validate `precision` (one of `PRECISIONS`); given a `device`, resolve `'auto'` and check that the device supports it."
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise TGAZSRError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if device is None: return precision
     device = torch.device(device)
-    if enabled and device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if precision == 'auto': return 'fp16' if device.type == 'cuda' else 'fp32'
+    if precision == 'fp16' and device.type != 'cuda':
+        raise TGAZSRError(f"precision 'fp16' is not supported on device '{device}' (fp16 autocast needs CUDA); "
+                          f"use fp32 or bf16")
+    if precision == 'bf16' and not (device.type == 'cpu' or (device.type == 'cuda' and _cuda_bf16(device.index))):
+        raise TGAZSRError(f"precision 'bf16' is not supported on device '{device}' "
+                          f"({'no native bf16 on this GPU' if device.type == 'cuda' else 'use CPU or CUDA'}); "
+                          f"use {'fp16 or fp32' if device.type == 'cuda' else 'fp32'}")
+    return precision
+
+def autocast(device: torch.device | str, precision: str = 'auto'):
+    "The forward-pass context of `precision` on `device`: `torch.autocast` for fp16/bf16, a no-op context for fp32."
+    device = torch.device(device)
+    p = check_precision(precision, device)
+    if p == 'fp32': return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[p])
+
+def grad_scaler(device: torch.device | str, precision: str = 'auto') -> torch.amp.GradScaler | None:
+    "A `torch.amp.GradScaler` when `precision` resolves to fp16 (the official loss scaling); None for fp32/bf16."
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type) if check_precision(precision, device) == 'fp16' else None
 
 # %% ../nbs/00_core.ipynb #6082dcb7
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .core import TGAZSRError, autocast, load_safetensors, resolve_device, safetensors_metadata, save_json, save_safetensors
+from .core import TGAZSRError, autocast, check_precision, load_safetensors, resolve_device, safetensors_metadata, save_json, save_safetensors
 from .models import ClipModel, ZeroShotClassifier, classifier_weights
 from .attacks import AttackConfig
 from .datasets import get_eval_set, is_npy_folder, paper_dataset_name
@@ -38,18 +38,19 @@ def batch_seed(seed: int, dataset: str, batch_index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(dataset.encode()) + batch_index) % 2**31
 
 def count_correct(classifier: nn.Module, loader, attacks: Sequence[AttackConfig], n_classes: int,
-                  device: torch.device, seed: int = 0, name: str = '', amp: bool = True,
+                  device: torch.device, seed: int = 0, name: str = '', precision: str = 'auto',
                   progress: bool = True) -> tuple[int, int, list[int]]:
     "Run `loader` once: `(n, clean_correct, [robust_correct per attack])` with one clean forward per batch."
+    precision = check_precision(precision, device)
     n, clean_correct, robust_correct = 0, 0, [0] * len(attacks)
     for b, batch in enumerate(tqdm(loader, desc=name or 'batches', leave=False, disable=not progress)):
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with torch.no_grad(), autocast(device, amp): clean_ok = classifier(x).argmax(-1) == y
+        with torch.no_grad(), autocast(device, precision): clean_ok = classifier(x).argmax(-1) == y
         n += len(y); clean_correct += int(clean_ok.sum())
         for i, attack in enumerate(attacks):
             if not _moves_images(attack): robust_correct[i] += int(clean_ok.sum()); continue
-            adv = attack.run(classifier, x, y, n_classes=n_classes, seed=batch_seed(seed, name, b))  # autocast inside
-            with torch.no_grad(), autocast(device, amp): robust_correct[i] += int((classifier(adv).argmax(-1) == y).sum())
+            adv = attack.run(classifier, x, y, n_classes=n_classes, seed=batch_seed(seed, name, b), precision=precision)
+            with torch.no_grad(), autocast(device, precision): robust_correct[i] += int((classifier(adv).argmax(-1) == y).sum())
     return n, clean_correct, robust_correct
 
 # %% ../nbs/10_evaluation.ipynb #019d750c
@@ -75,7 +76,7 @@ def _check_method_label(method: str) -> str:
 
 def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, attacks: Sequence[AttackConfig],
              method: str, max_images: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
-             seed: int = 0, num_workers: int = 0, amp: bool = True, progress: bool = True) -> list[dict]:
+             seed: int = 0, num_workers: int = 0, precision: str = 'auto', progress: bool = True) -> list[dict]:
     "Zero-shot clean and robust top-1 accuracy (percent) of `clip` on `datasets`, one result dict per attack."
     _check_method_label(method)
     datasets, attacks = list(datasets), list(attacks)
@@ -85,6 +86,7 @@ def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, 
     if len(set(datasets)) != len(datasets): raise TGAZSRError(f"datasets repeat a name: {datasets}")
     if 'avg' in datasets: raise TGAZSRError("a dataset cannot be called 'avg' (that key holds the average)")
     device = clip.device if device is None else resolve_device(device)
+    precision = check_precision(precision, device)        # a bad name or device: before any work
     clip = clip.to(device)
     sets = {name: get_eval_set(name, root, image_size=int(clip.image_size[0]), max_images=max_images, seed=seed)
             for name in datasets}
@@ -93,12 +95,12 @@ def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, 
     clip.eval()
     try:
         for name, es in tqdm(sets.items(), desc='datasets', disable=not progress):
-            with autocast(device, amp): weights = classifier_weights(clip, es.classnames, es.templates)
+            with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates)
             classifier = ZeroShotClassifier(clip, weights.float())
             loader = DataLoader(es.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 pin_memory=device.type == 'cuda')
             n, clean_ok, robust_ok = count_correct(classifier, loader, attacks, len(es.classnames), device,
-                                                   seed=seed, name=name, amp=amp, progress=progress)
+                                                   seed=seed, name=name, precision=precision, progress=progress)
             if n == 0: raise TGAZSRError(f"dataset {name!r} ({es.source}) has no images")
             counts[name], clean[name] = n, _pct(clean_ok, n)
             for r, ok in zip(robust, robust_ok): r[name] = _pct(ok, n)
@@ -152,13 +154,14 @@ def _as_masks(m: torch.Tensor, size) -> torch.Tensor:
 
 def attention_shift(clip: ClipModel, original: ClipModel, datasets: Sequence[str], root: str | os.PathLike,
                     attack: AttackConfig, n_images: int = 64, batch_size: int = 32, device: str | torch.device | None = None,
-                    seed: int = 0, distance: str = 'l2', token_norm: str = 'token', amp: bool = True,
+                    seed: int = 0, distance: str = 'l2', token_norm: str = 'token', precision: str = 'auto',
                     progress: bool = True) -> dict[str, dict]:
     "Per dataset: attention distances clean/adversarial/original (and mask localization when the dataset has masks)."
     datasets = list(datasets)
     if not datasets: raise TGAZSRError("attention_shift needs at least one dataset")
     if n_images < 1: raise TGAZSRError(f"n_images must be >= 1, got {n_images}")
     device = clip.device if device is None else resolve_device(device)
+    precision = check_precision(precision, device)
     clip, original = clip.to(device), original.to(device)
     if tuple(original.image_size) != tuple(clip.image_size):
         raise TGAZSRError(f"the original model's input size {original.image_size} differs from {clip.image_size}")
@@ -170,12 +173,12 @@ def attention_shift(clip: ClipModel, original: ClipModel, datasets: Sequence[str
     try:
         for name, es in tqdm(sets.items(), desc='attention shift', disable=not progress):
             out[name] = _attention_shift_one(clip, original, name, es, attack, batch_size, device, seed, distance,
-                                             token_norm, amp)
+                                             token_norm, precision)
     finally: clip.train(modes[0]); original.train(modes[1])
     return out
 
-def _attention_shift_one(clip, original, name, es, attack, batch_size, device, seed, distance, token_norm, amp) -> dict:
-    with autocast(device, amp): weights = classifier_weights(clip, es.classnames, es.templates).float()
+def _attention_shift_one(clip, original, name, es, attack, batch_size, device, seed, distance, token_norm, precision) -> dict:
+    with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates).float()
     classifier = ZeroShotClassifier(clip, weights)
     sums = {k: 0.0 for k in ('adv_vs_clean', 'adv_vs_original', 'clean_vs_original', 'clean_acc', 'robust_acc')}
     loc = {k: {'energy': 0.0, 'pointing': 0.0} for k in ('clean', 'adv', 'original')}
@@ -186,9 +189,10 @@ def _attention_shift_one(clip, original, name, es, attack, batch_size, device, s
         x, y = batch[0].to(device), batch[1].to(device)
         masks = batch[2] if len(batch) > 2 and batch[2] is not None else None
         if has_masks is None: has_masks = masks is not None
-        adv = (attack.run(classifier, x, y, n_classes=len(es.classnames), seed=batch_seed(seed, name, b))
+        adv = (attack.run(classifier, x, y, n_classes=len(es.classnames), seed=batch_seed(seed, name, b),
+                          precision=precision)
                if _moves_images(attack) else x)
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, precision):
             tok_clean, tok_adv = clip.encode_image_tokens(x), clip.encode_image_tokens(adv)
             tok_ori = original.encode_image_tokens(x)
         text = weights[y]
@@ -227,11 +231,12 @@ def write_attention_shift(result: dict, out_dir: str | os.PathLike, method: str)
 # %% ../nbs/10_evaluation.ipynb #788b7196
 def attention_examples(clip: ClipModel, method: str, dataset: str, root: str | os.PathLike, attack: AttackConfig,
                        n_images: int = 4, seed: int = 0, device: str | torch.device | None = None,
-                       token_norm: str = 'token', amp: bool = True) -> dict:
+                       token_norm: str = 'token', precision: str = 'auto') -> dict:
     "Images, masks, labels, predictions and the clean/adversarial text-guided attention of `clip` on a few images of `dataset`."
     _check_method_label(method)
     if n_images < 1: raise TGAZSRError(f"n_images must be >= 1, got {n_images}")
     device = clip.device if device is None else resolve_device(device)
+    precision = check_precision(precision, device)
     clip = clip.to(device)
     es = get_eval_set(dataset, root, image_size=int(clip.image_size[0]), max_images=n_images, seed=seed,
                       return_masks=has_masks(dataset, root))
@@ -240,16 +245,17 @@ def attention_examples(clip: ClipModel, method: str, dataset: str, root: str | o
     was_training = clip.training
     clip.eval()
     try:
-        with autocast(device, amp): weights = classifier_weights(clip, es.classnames, es.templates).float()
+        with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates).float()
         classifier = ZeroShotClassifier(clip, weights)
-        adv = (attack.run(classifier, x, y, n_classes=len(es.classnames), seed=batch_seed(seed, dataset, 0))
+        adv = (attack.run(classifier, x, y, n_classes=len(es.classnames), seed=batch_seed(seed, dataset, 0),
+                          precision=precision)
                if _moves_images(attack) else x)
         maps, preds = {}, {}
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, precision):
             for kind, images in (('clean', x), ('adv', adv)):
                 tokens = clip.encode_image_tokens(images).float()
                 maps[f'{method}/{kind}'] = text_guided_attention(tokens, weights[y], tuple(x.shape[-2:]), token_norm=token_norm,
-                                                                 grid=clip.grid_size).cpu().numpy()
+                                                                 grid=clip.grid_size).float().cpu().numpy()
                 pred = classifier.logits_from_embedding(tokens[:, 0]).argmax(-1).tolist()
                 preds[f'{method}/{kind}'] = [es.classnames[i] for i in pred]
     finally: clip.train(was_training)

@@ -18,9 +18,9 @@ from .losses import (tecoa_loss, tga_zsr_loss, pmg_aft_loss, fare_loss,
                             TGA_ZSR_ALPHA, TGA_ZSR_BETA, COMP_TGA_ALPHA, COMP_TGA_BETA)
 
 # %% auto #0
-__all__ = ['METHODS', 'TrainAttack', 'StepContext', 'Method', 'register_method', 'contrastive_ft_loss', 'ft_clean_step',
-           'ft_adv_step', 'tecoa_step', 'pmg_aft_step', 'fare_step', 'tga_zsr_step', 'comp_tga_step',
-           'tga_zsr_visual_step']
+__all__ = ['METHODS', 'FT_LOSSES', 'GRADCAM_TARGETS', 'ATTACK_STARTS', 'TrainAttack', 'StepContext', 'Method', 'register_method',
+           'attack_start_key', 'contrastive_ft_loss', 'ft_clean_step', 'ft_adv_step', 'tecoa_step', 'pmg_aft_step',
+           'fare_step', 'tga_zsr_step', 'comp_tga_step', 'tga_zsr_visual_step']
 
 # %% ../nbs/08_methods.ipynb #7353d78e
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class StepContext:
     distance: str = 'l2'                         # attention distance: 'l2' | 'l1' | 'cos'
     token_norm: str = 'token'                    # official quirk: tokens normalized over the token axis
     attention_size: int | tuple | None = None    # attention-map size; None: the model's input size (official: 224)
-    ft_loss: str = 'ce'                          # FT-Clean/FT-Adv loss: 'ce' or the official FT.py 'contrastive'
+    ft_loss: str = 'contrastive'                 # FT-Clean/FT-Adv loss: the official FT.py 'contrastive', or 'ce'
+    gradcam_target: str = 'official'             # tga_zsr_visual: 'official' (arg-max over the batch's classes) | 'label'
     sum_weight: float = 1.0                      # weight of batch-SUMMED loss terms: global / local batch size (DDP)
 
     def __post_init__(self):
@@ -92,6 +93,7 @@ class Method:
     needs_original: bool = False                 # builds a frozen copy of the pre-trained model
     needs_not_weights: bool = False              # needs 'This is not a photo of a {}' class embeddings
     adversarial: bool = True                     # uses the training attack
+    attack_start: str = 'per_step'               # training attack's random start: 'per_step' | 'fixed' (see below)
     description: str = ''
 
 METHODS = Registry('method')
@@ -99,6 +101,17 @@ METHODS = Registry('method')
 def register_method(method: Method) -> Method:
     "Add `method` to `METHODS` under its name."
     return METHODS.register(method.name, method)
+
+FT_LOSSES = ('contrastive', 'ce')
+GRADCAM_TARGETS = ('official', 'label')
+ATTACK_STARTS = ('per_step', 'fixed')
+
+def attack_start_key(step: int, attack_start: str) -> tuple:
+    """The key (after the run's seed) of the generator that draws the random start of global step `step`: a new start
+    per step (`'per_step'`), or the same start for every batch of the same shape (`'fixed'`, official Comp-TGA)."""
+    if attack_start == 'per_step': return ('attack', step)
+    if attack_start == 'fixed': return ('attack',)
+    raise TGAZSRError(f"unknown attack_start {attack_start!r}; use one of: {', '.join(ATTACK_STARTS)}")
 
 def _acc(logits, labels): return (logits.argmax(-1) == labels).float().mean().detach()
 
@@ -114,7 +127,7 @@ def contrastive_ft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def _ft_loss(ctx, logits, labels):
     if ctx.ft_loss == 'ce': return tecoa_loss(logits, labels)
     if ctx.ft_loss == 'contrastive': return contrastive_ft_loss(logits, labels)
-    raise TGAZSRError(f"unknown ft_loss {ctx.ft_loss!r}; use 'ce' or 'contrastive'")
+    raise TGAZSRError(f"unknown ft_loss {ctx.ft_loss!r}; use one of: {', '.join(FT_LOSSES)}")
 
 def ft_clean_step(ctx: StepContext, images, labels):
     "FT-Clean: the fine-tuning loss on clean images."
@@ -187,11 +200,14 @@ def comp_tga_step(ctx: StepContext, images, labels):
 # %% ../nbs/08_methods.ipynb #e3d0a887
 def tga_zsr_visual_step(ctx: StepContext, images, labels):
     "TGA-ZSR with Grad-CAM attention maps (constant w.r.t. the weights, as in the official code)."
+    if ctx.gradcam_target not in GRADCAM_TARGETS:
+        raise TGAZSRError(f"unknown gradcam_target {ctx.gradcam_target!r}; use one of: {', '.join(GRADCAM_TARGETS)}")
     adv = ctx.adversarial(images, labels)
     size = ctx.attention_size
-    att_ori_clean = gradcam_attention(ctx.original_classifier, images, labels, size).detach()
-    att_adv = gradcam_attention(ctx.classifier, adv, labels, size).detach()
-    att_clean = gradcam_attention(ctx.classifier, images, labels, size).detach()
+    cands = labels if ctx.gradcam_target == 'official' else None   # official: arg-max over the batch's target texts
+    att_ori_clean = gradcam_attention(ctx.original_classifier, images, labels, size, candidates=cands).detach()
+    att_adv = gradcam_attention(ctx.classifier, adv, labels, size, candidates=cands).detach()
+    att_clean = gradcam_attention(ctx.classifier, images, labels, size, candidates=cands).detach()
     for p in ctx.clip.parameters(): p.grad = None   # Grad-CAM's backward must not leak into the training gradient
     logits_adv = ctx.logits(ctx.tokens(adv))
     loss, parts = tga_zsr_loss(logits_adv, labels, att_adv.to(logits_adv.device), att_ori_clean.to(logits_adv.device),
@@ -213,5 +229,5 @@ register_method(Method('tga_zsr', tga_zsr_step, lr=1e-4, alpha=TGA_ZSR_ALPHA, be
 register_method(Method('tga_zsr_visual', tga_zsr_visual_step, lr=1e-4, alpha=TGA_ZSR_ALPHA, beta=TGA_ZSR_BETA,
                        needs_original=True, description='TGA-ZSR with Grad-CAM (visual) attention'))
 register_method(Method('comp_tga', comp_tga_step, lr=1e-4, alpha=COMP_TGA_ALPHA, beta=COMP_TGA_BETA,
-                       needs_original=True, needs_not_weights=True,
+                       needs_original=True, needs_not_weights=True, attack_start='fixed',
                        description='Comp-TGA: TGA-ZSR on complementary attention'))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .core import Registry, TGAZSRError, load_safetensors, save_safetensors, safetensors_metadata
 
 # %% auto #0
-__all__ = ['ARCHS', 'DEFAULT_TEMPLATE', 'register_arch', 'ClipModel', 'load_clip', 'export_open_clip', 'frozen_copy',
+__all__ = ['ARCHS', 'DEFAULT_TEMPLATE', 'register_arch', 'ClipModel', 'canonical_arch', 'block_activations', 'uses_quick_gelu',
+           'checkpoint_record', 'resolve_quick_gelu', 'load_clip', 'export_open_clip', 'frozen_copy',
            'classifier_weights', 'ZeroShotClassifier']
 
 # %% ../nbs/01_models.ipynb #f6569083
@@ -122,42 +123,115 @@ def _check_arch(arch: str) -> str:
                           f"or one of this project's: {', '.join(ARCHS.names())}")
     return arch
 
-def _load_state_dict_into(model: nn.Module, path: Path, arch: str) -> None:
-    meta = safetensors_metadata(path) if path.suffix == '.safetensors' else {}
-    if meta.get('arch') and meta['arch'] != arch:
-        raise TGAZSRError(f"checkpoint {path} was saved for architecture {meta['arch']!r}, not {arch!r}")
-    if path.suffix == '.safetensors': sd = load_safetensors(path)
-    else:
-        try: sd = open_clip.load_state_dict(str(path), weights_only=True)
-        except Exception as e: raise TGAZSRError(f"unreadable checkpoint {path}: {e}") from None
-    if sd and next(iter(sd)).startswith('module.'): sd = {k[7:]: v for k, v in sd.items()}
-    try: model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0:2]
-        raise TGAZSRError(f"checkpoint {path} does not match architecture {arch!r}: {' '.join(first)}") from None
+_QG = '-quickgelu'
+
+def _base_arch(arch: str) -> str: return arch[:-len(_QG)] if arch.endswith(_QG) else arch
+
+def _arch_quick_gelu(arch: str) -> bool: return bool(open_clip.get_model_config(arch).get('quick_gelu', False))
+
+def canonical_arch(arch: str, quick_gelu: bool) -> str:
+    "The architecture name open_clip builds with the given activation (`ViT-B-32` + QuickGELU -> `ViT-B-32-quickgelu`)."
+    base = _base_arch(arch)
+    for name in ((base + _QG, base) if quick_gelu else (base,)):
+        if name in open_clip.list_models() and _arch_quick_gelu(name) == quick_gelu: return name
+    return arch  # no such config (e.g. this project's archs with QuickGELU): the recorded flag carries it
+
+def block_activations(model: nn.Module) -> dict[str, list[str]]:
+    "The MLP activation class of every transformer block, per tower: {'visual': [...], 'text': [...]}."
+    def acts(tower):
+        blocks = getattr(getattr(tower, 'transformer', None), 'resblocks', None) or []
+        return [type(b.mlp.gelu).__name__ for b in blocks if hasattr(getattr(b, 'mlp', None), 'gelu')]
+    text = getattr(model, 'text', None) or model   # CustomTextCLIP keeps the text tower in .text, CLIP on itself
+    return {'visual': acts(model.visual), 'text': acts(text)}
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    "Whether the model's blocks run QuickGELU (all of them); a mix of activations is an error."
+    kinds = {a for tower in block_activations(model).values() for a in tower}
+    if len(kinds) > 1: raise TGAZSRError(f"the model mixes activations {sorted(kinds)}; it cannot be recorded as one")
+    return kinds == {'QuickGELU'}
+
+# %% ../nbs/01_models.ipynb #225fdb4b
+def checkpoint_record(path: str | Path) -> dict[str, str]:
+    "What a checkpoint says about the network that reads it: the safetensors metadata (`arch`, `quick_gelu`, ...); {} otherwise."
+    path = Path(path)
+    return safetensors_metadata(path) if path.suffix == '.safetensors' else {}
+
+def _recorded_quick_gelu(meta: dict, path) -> bool | None:
+    v = meta.get('quick_gelu')
+    if v is None: return None
+    if v not in ('true', 'false'): raise TGAZSRError(f"checkpoint {path} records quick_gelu={v!r}; expected 'true' or 'false'")
+    return v == 'true'
+
+def _source_quick_gelu(arch: str, pretrained) -> tuple[str, bool | None, str]:
+    "(kind, activation the weights were trained with or None if unknown, description) of `pretrained`."
+    if pretrained is None or str(pretrained).lower() in ('', 'none', 'random'): return 'random', None, 'random weights'
+    if Path(pretrained).exists():
+        meta = checkpoint_record(pretrained)
+        rec = meta.get('arch')
+        if rec and _base_arch(rec) != _base_arch(arch):
+            raise TGAZSRError(f"checkpoint {pretrained} was saved for architecture {rec!r}, not {arch!r}")
+        qg = _recorded_quick_gelu(meta, pretrained)
+        if qg is None and rec: qg = rec.endswith(_QG) or None   # an arch name that says QuickGELU is a record too
+        return 'file', qg, f"checkpoint {pretrained}"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if str(pretrained) in tags:
+        return 'tag', bool(open_clip.get_pretrained_cfg(arch, str(pretrained)).get('quick_gelu', False)), f"tag {arch}/{pretrained}"
+    raise TGAZSRError(f"pretrained={str(pretrained)!r} is neither an existing checkpoint path nor an open_clip tag "
+                      f"for {arch} ({', '.join(tags) or 'none'})")
+
+def resolve_quick_gelu(arch: str, pretrained=None, quick_gelu: bool | None = None) -> bool:
+    "The activation to build: the tag's or checkpoint's record, else an explicit request, else the arch's config."
+    arch = _check_arch(arch)
+    kind, source, what = _source_quick_gelu(arch, pretrained)
+    explicit = quick_gelu if quick_gelu is not None else (True if _arch_quick_gelu(arch) else None)
+    if source is not None and explicit is not None and explicit != source:
+        asked = f"quick_gelu={quick_gelu}" if quick_gelu is not None else f"architecture {arch!r} (QuickGELU)"
+        raise TGAZSRError(f"{what} was trained with {'QuickGELU' if source else 'GELU'}, but {asked} was requested; "
+                          f"use {canonical_arch(arch, source)!r} (or leave the activation to the weights)")
+    if source is not None: return source
+    if explicit is not None: return explicit
+    if kind == 'file':
+        import warnings
+        alt = canonical_arch(arch, True)
+        warnings.warn(f"{what} records no activation; building {arch} with GELU. OpenAI-trained CLIP weights need "
+                      f"QuickGELU: pass quick_gelu=True" + (f" or arch {alt!r}" if alt != arch else ''))
+    return False
+
+# %% ../nbs/01_models.ipynb #3c9fbb44
+def _readable(path: Path) -> bool:
+    "Whether a checkpoint file parses at all (asked only after a load failed, to name the right problem)."
+    try:
+        if path.suffix == '.safetensors': safetensors_metadata(path)
+        else: open_clip.factory.load_state_dict(str(path), weights_only=True)
+        return True
+    except Exception: return False
+
+def _create(arch: str, pretrained, quick_gelu: bool, cache_dir) -> nn.Module:
+    try: return open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
+    except Exception as e:
+        msg = ' '.join(str(e).strip().splitlines()[:2])
+        if pretrained is not None and Path(pretrained).exists():
+            if _readable(Path(pretrained)):
+                raise TGAZSRError(f"checkpoint {pretrained} does not match architecture {arch!r}: {msg}") from None
+            raise TGAZSRError(f"unreadable checkpoint {pretrained}: {msg}") from None
+        raise TGAZSRError(f"could not fetch open_clip weights {arch}/{pretrained} (no internet or no cache?): {msg}") from None
 
 def load_clip(arch: str, pretrained: str | Path | None = None, device: str | torch.device = 'cpu',
-              dtype: torch.dtype = torch.float32, cache_dir: str | None = None) -> ClipModel:
+              dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+              quick_gelu: bool | None = None) -> ClipModel:
     "Create open_clip `arch` with weights from a tag, a local checkpoint path, or none, wrapped as a `ClipModel`."
-    arch = _check_arch(arch)
-    if pretrained is None or str(pretrained).lower() in ('', 'none', 'random'):
-        model = open_clip.create_model(arch, pretrained=None)
-    elif Path(pretrained).exists():
-        model = open_clip.create_model(arch, pretrained=None)
-        _load_state_dict_into(model, Path(pretrained), arch)
-    elif str(pretrained) in open_clip.list_pretrained_tags_by_model(arch):
-        try: model = open_clip.create_model(arch, pretrained=str(pretrained), cache_dir=cache_dir)
-        except Exception as e:
-            raise TGAZSRError(f"could not fetch open_clip weights {arch}/{pretrained} (no internet or no cache?): {e}") from None
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise TGAZSRError(f"pretrained={str(pretrained)!r} is neither an existing checkpoint path nor an open_clip tag "
-                          f"for {arch} ({', '.join(tags) or 'none'})")
-    return ClipModel(model, arch).to(device=device, dtype=dtype).eval()
+    qg = resolve_quick_gelu(arch, pretrained, quick_gelu)   # validates arch, tag and the checkpoint's record
+    if pretrained is not None and str(pretrained).lower() in ('', 'none', 'random'): pretrained = None
+    model = _create(arch, None if pretrained is None else str(pretrained), qg, cache_dir)
+    return ClipModel(model, canonical_arch(arch, qg)).to(device=device, dtype=dtype).eval()
 
-def export_open_clip(clip: ClipModel, path: str | Path) -> Path:
-    "Write the full open_clip state dict as safetensors; `open_clip.create_model_and_transforms(arch, pretrained=path)` loads it."
-    return save_safetensors(clip.model.state_dict(), path, metadata={'arch': clip.arch, 'format': 'open_clip'})
+def export_open_clip(clip: ClipModel, path: str | Path, **metadata: str) -> Path:
+    """Write the full open_clip state dict as safetensors, recording what a reload needs (`arch` as open_clip names it,
+    `quick_gelu`), so `open_clip.create_model_and_transforms(<arch>, pretrained=path)` and `load_clip` rebuild this network."""
+    qg = uses_quick_gelu(clip.model)
+    meta = {**{k: str(v) for k, v in metadata.items()}, 'arch': canonical_arch(clip.arch, qg), 'format': 'open_clip',
+            'quick_gelu': 'true' if qg else 'false'}
+    return save_safetensors(clip.model.state_dict(), path, metadata=meta)
 
 def frozen_copy(clip: ClipModel) -> ClipModel:
     "A copy of `clip` for the original (reference) model: eval mode, no parameter requires grad."

@@ -187,9 +187,13 @@ def _default_suite():
     return WorldConfig().suite
 
 def _check_evaluate(c: _Checker, P: Mapping, methods: Mapping):
-    ev = c.mapping(P.get('evaluate'), 'evaluate', ('datasets', 'max_images', 'batch_size', 'num_workers', 'attacks', 'attention'),
+    ev = c.mapping(P.get('evaluate'), 'evaluate', ('datasets', 'max_images', 'batch_size', 'num_workers', 'precision', 'attacks',
+                                                 'attention'),
                    required=('datasets', 'attacks'))
     c.int_(ev.get('num_workers', 0), 'evaluate.num_workers')
+    if 'precision' in ev:
+        from tga_zsr.core import check_precision
+        _wrap(c, 'evaluate.precision', check_precision, ev['precision'])   # the name; the device at stage time
     _check_datasets(c, ev['datasets'], 'evaluate.datasets', P)
     c.int_(ev.get('max_images'), 'evaluate.max_images', lo=1, none=True)
     c.int_(ev.get('batch_size', 1), 'evaluate.batch_size', lo=1)
@@ -452,6 +456,11 @@ def configure(params: Mapping):
     try: return resolve_device(params.get('device', 'auto'))
     except TGAZSRError as e: raise _err(f"params.yaml: device is invalid: {e}") from None
 
+def _device_precision(key: str, precision: str, device) -> str:
+    "`precision` resolved for `device` (`core.check_precision`); an unsupported one fails naming the params key."
+    from tga_zsr.core import check_precision
+    return _wrap(_Checker(PARAMS_FILE), key, check_precision, precision, device)
+
 def _rel(p: Path, root: Path) -> str:
     try: return str(Path(p).resolve().relative_to(Path(root).resolve()))
     except ValueError: return str(p)
@@ -528,7 +537,8 @@ def stage_pretrain(params: Mapping, root: str | os.PathLike = '.') -> dict:
     n = int(pre.get('sanity_images', 200))
     zs = evaluate(clip, pre.get('sanity_datasets') or params['evaluate']['datasets'], root / DATA_DIR, [AttackConfig('none', eps=0, steps=0, step_size=0)],
                   'pretrained', max_images=n, batch_size=params['evaluate'].get('batch_size', 256), device=device,
-                  seed=int(params.get('seed', 0)), progress=False)[0]
+                  seed=int(params.get('seed', 0)), progress=False,
+                  precision=_device_precision('evaluate.precision', params['evaluate'].get('precision', 'auto'), device))[0]
     save_json(summary, root / out['pretrain_dir'] / 'summary.json')
     save_json(zs, root / out['pretrain_dir'] / 'zeroshot.json')
     return {**summary, 'zeroshot_clean': zs['clean']}
@@ -591,8 +601,10 @@ def stage_finetune(params: Mapping, method: str, root: str | os.PathLike = '.') 
     if method not in (params.get('methods') or {}):
         raise _err(f"params.yaml: methods.{method} is missing (the stage was called for a method not in `methods`)")
     root = Path(root); p = stage_paths(method)
-    configure(params)
+    device = configure(params)
     cfg = train_config(params, method, root)
+    _device_precision(f'methods.{method}.precision' if 'precision' in (params['methods'].get(method) or {}) else 'finetune.precision',
+                      cfg.precision, device)   # fp16 on a CPU: fails here, naming the key, before the run folder is touched
     resumed = _prepare_run_dir(cfg, root / p['pretrained'])
     t0 = time.time()
     nproc = int(params.get('nproc_per_node', 1))
@@ -615,12 +627,13 @@ def stage_evaluate(params: Mapping, method: str, root: str | os.PathLike = '.') 
         raise _err(f"params.yaml: methods.{method} is missing (the stage was called for a method not in `methods`)")
     root = Path(root); p = stage_paths(method); ev = params['evaluate']; att = ev.get('attention') or {}
     device = configure(params); seed = int(params.get('seed', 0)); arch = params['model']['arch']
+    precision = _device_precision('evaluate.precision', ev.get('precision', 'auto'), device)
     t0 = time.time()
     clip = load_clip(arch, root / p['model'], device=device)
     attacks = [AttackConfig(**a) for a in ev['attacks']]
     results = evaluate(clip, ev['datasets'], root / DATA_DIR, attacks, method, max_images=ev.get('max_images'),
                        batch_size=ev.get('batch_size', 256), device=device, seed=seed, num_workers=ev.get('num_workers', 0),
-                       progress=False)
+                       precision=precision, progress=False)
     dicts = [a.as_dict() for a in attacks]
     write_metrics(results, root / p['metrics'])     # <method>_<attack>.json: what `dvc metrics show` reads
     t_eval = time.time() - t0
@@ -630,14 +643,15 @@ def stage_evaluate(params: Mapping, method: str, root: str | os.PathLike = '.') 
     if att.get('datasets'):
         shift = attention_shift(clip, original, att['datasets'], root / DATA_DIR, attacks[0], n_images=att.get('n_images', 64),
                                 batch_size=att.get('batch_size', 64), device=device, seed=seed,
-                                distance=att.get('distance', 'l2'), token_norm=att.get('token_norm', 'token'), progress=False)
+                                distance=att.get('distance', 'l2'), token_norm=att.get('token_norm', 'token'),
+                                precision=precision, progress=False)
         save_json(shift, root / p['attention'])
     if att.get('examples'):
         ex = attention_examples(clip, method, att['example_dataset'], root / DATA_DIR, attacks[0], n_images=int(att['examples']),
-                                seed=seed, device=device, token_norm=att.get('token_norm', 'token'))
+                                seed=seed, device=device, token_norm=att.get('token_norm', 'token'), precision=precision)
         save_attention_examples(ex, root / p['examples'])
     meta = {'method': method, 'arch': arch, 'checkpoint': p['model'], 'seed': seed, 'max_images': ev.get('max_images'),
-            'attacks': dicts, 'seconds_accuracy': round(t_eval, 1), 'seconds_total': round(time.time() - t0, 1)}
+            'attacks': dicts, 'precision': precision, 'seconds_accuracy': round(t_eval, 1), 'seconds_total': round(time.time() - t0, 1)}
     save_json(meta, root / p['meta'])
     return {'robust_avg': {metrics_name(method, r['attack'], dicts): r['robust']['avg'] for r in results},
             'clean_avg': results[0]['clean']['avg'], 'seconds': meta['seconds_total']}
@@ -712,6 +726,7 @@ def run_setup_summary(params: Mapping) -> dict[str, str]:
         'evaluation': (f"{len(ev['datasets'])} datasets, " + (f"{ev['max_images']} images each (fixed-seed subsample)"
                        if ev.get('max_images') else 'all test images')),
         'attacks': '; '.join(attack_label(AttackConfig(**a).as_dict()) for a in ev['attacks']),
+        'precision': f"fine-tuning {ft.get('precision', 'auto')}, evaluation {ev.get('precision', 'auto')}",
         'seed': str(params.get('seed', 0)),
     }
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import TGAZSRError, resolve_device, autocast, seed_everything
+from .core import TGAZSRError, resolve_device, autocast, check_precision, seed_everything
 from .models import ClipModel, load_clip, export_open_clip
 from .miniworld import load_npy_folder
 
@@ -49,10 +49,12 @@ def cosine_warmup(step: int, total: int, warmup: int) -> float:
 def pretrain_clip(clip: ClipModel, corpus_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3,
                   warmup: int = 50, weight_decay: float = 0.1, multi_positive: bool = True, freeze_text: float = 0.2,
                   seed: int = 0, device: str | torch.device | None = None, log_every: int = 25, progress: bool = True,
-                  callback=None) -> dict:
+                  callback=None, precision: str = 'fp32') -> dict:
     """Contrastively pretrain `clip` (in place) on a captioned npy corpus; returns {'history': {'step', 'loss', 'lr',
     'logit_scale'}, 'steps', 'text_frozen_steps', 'seconds'}. The text tower is frozen for the first `freeze_text`
-    fraction of the steps (see above). `callback(step, loss)` is called every `log_every` steps."""
+    fraction of the steps (see above). `callback(step, loss)` is called every `log_every` steps. `precision`: 'fp32'
+    (exact, the default) or 'bf16' autocast (fp16 would need loss scaling, which pretraining does not do)."""
+    if precision not in ('fp32', 'bf16'): raise TGAZSRError(f"pretrain precision must be fp32 or bf16, got {precision!r}")
     for k, v in dict(steps=steps, batch_size=batch_size).items():
         if int(v) != v or v < 1: raise TGAZSRError(f"pretrain {k} must be a positive integer, got {v!r}")
     for k, v in dict(lr=lr, weight_decay=weight_decay, warmup=warmup).items():
@@ -65,6 +67,7 @@ def pretrain_clip(clip: ClipModel, corpus_dir: str | Path, steps: int = 1500, ba
     if n < 2: raise TGAZSRError(f"pretraining corpus {corpus_dir} needs at least 2 images, has {n}")
     batch_size = min(batch_size, n)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     seed_everything(seed)
     clip.to(dev).train()
     images = torch.from_numpy(np.ascontiguousarray(corpus['images'])).permute(0, 3, 1, 2)  # uint8, (N, 3, H, W)
@@ -83,7 +86,7 @@ def pretrain_clip(clip: ClipModel, corpus_dir: str | Path, steps: int = 1500, ba
         for group in opt.param_groups: group['lr'] = lr * cosine_warmup(step, steps, warmup)
         ids = caption_ids[idx]
         u_ids, inv = torch.unique(ids, return_inverse=True)                  # encode each distinct caption once
-        with autocast(dev):
+        with autocast(dev, precision):
             img = clip.encode_image(images[idx].to(dev).float() / 255, normalize=True)
             with torch.set_grad_enabled(step >= text_frozen_steps):  # frozen: no grads, AdamW skips the text tower
                 txt = clip.model.encode_text(tokens[u_ids].to(dev), normalize=True)[inv]

@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .core import (TGAZSRError, resolve_device, autocast, seed_everything, rng_state, set_rng_state,
+from .core import (TGAZSRError, resolve_device, autocast, check_precision, grad_scaler, seed_everything, rng_state, set_rng_state,
                           save_json, load_json, save_safetensors, load_safetensors, safetensors_metadata, from_255)
-from .models import ARCHS, register_arch, load_clip, frozen_copy, classifier_weights, DEFAULT_TEMPLATE, ClipModel
+from .models import ARCHS, register_arch, load_clip, export_open_clip, frozen_copy, classifier_weights, DEFAULT_TEMPLATE, ClipModel
 from .methods import METHODS, Method, StepContext, TrainAttack
+from .methods import attack_start_key, FT_LOSSES, GRADCAM_TARGETS, ATTACK_STARTS
 from .attacks import random_delta
 from .attention import NOT_TEMPLATE
 
@@ -56,11 +57,14 @@ class TrainConfig:
     train_steps: int = 2
     train_step_size: float = 1.0              # 1/255 units
     train_norm: str = 'linf'
-    ft_loss: str = 'ce'                       # FT-Clean/FT-Adv loss: 'ce' | 'contrastive' (official FT.py)
+    ft_loss: str = 'contrastive'              # FT-Clean/FT-Adv loss: 'contrastive' (official FT.py) | 'ce'
+    gradcam_target: str = 'official'          # tga_zsr_visual's explained class: 'official' (batch arg-max) | 'label'
+    attack_start: str | None = None           # PGD random start 'per_step' | 'fixed' (official Comp-TGA); None: method default
     last_num_ft: int = 0                      # train only the last N parameter tensors of the image encoder (0: all)
     template: str = DEFAULT_TEMPLATE
     seed: int = 0
     device: str = 'auto'
+    precision: str = 'auto'                   # 'fp32' | 'fp16' (official: autocast + GradScaler) | 'bf16' | 'auto' (CUDA fp16, else fp32)
     num_workers: int = 0                      # DataLoader workers
     checkpoint_every: int = 0                 # also checkpoint every N steps (0: only at the end of each epoch)
     log_every: int = 1                        # dvclive logging period in steps
@@ -80,7 +84,7 @@ class TrainConfig:
         "A copy with the method's defaults filled in (validates the method name)."
         m = METHODS[self.method]
         fill = dict(lr=m.lr, optimizer=m.optimizer, weight_decay=m.weight_decay, momentum=m.momentum,
-                    alpha=m.alpha, beta=m.beta)
+                    alpha=m.alpha, beta=m.beta, attack_start=m.attack_start)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
 # %% ../nbs/09_training.ipynb #2d7874e8
@@ -116,7 +120,8 @@ def run_identity(cfg: TrainConfig) -> dict:
 
 # %% ../nbs/09_training.ipynb #dcb48943
 _CHOICES = {'optimizer': ('sgd', 'adamw'), 'distance': ('l2', 'l1', 'cos'), 'token_norm': ('token', 'channel'),
-            'train_norm': ('linf', 'l2'), 'ft_loss': ('ce', 'contrastive')}
+            'train_norm': ('linf', 'l2'), 'ft_loss': FT_LOSSES, 'gradcam_target': GRADCAM_TARGETS,
+            'attack_start': ATTACK_STARTS}
 
 def _check(ok: bool, msg: str):
     if not ok: raise TGAZSRError(msg)
@@ -134,6 +139,7 @@ def check_config(cfg: TrainConfig, need_data: bool = True) -> TrainConfig:
            f"unknown architecture {r.arch!r}; use an open_clip model name or one of: {', '.join(ARCHS.names())}")
     for k, choices in _CHOICES.items():
         _check(getattr(r, k) in choices, f"{k} must be one of {', '.join(choices)}; got {getattr(r, k)!r}")
+    check_precision(r.precision)                                # the name; the device is checked by `train`
     from_255(r.train_eps, 'train_eps'); from_255(r.train_step_size, 'train_step_size')
     for k in ('epochs', 'batch_size'):
         _check(isinstance(getattr(r, k), int) and getattr(r, k) >= 1, f"{k} must be an integer >= 1; got {getattr(r, k)!r}")
@@ -216,8 +222,9 @@ class TokenEncoder(nn.Module):
 # %% ../nbs/09_training.ipynb #e80aa7da
 CHECKPOINT_FORMAT = 'tga_zsr-train-checkpoint-v1'
 
-def save_checkpoint(folder: str | Path, clip: ClipModel, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    "Atomically write `folder/last.safetensors` (model + optimizer tensors, JSON state in the header) and `last.json`."
+def save_checkpoint(folder: str | Path, clip: ClipModel, optimizer: torch.optim.Optimizer, state: dict,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    "Atomically write `folder/last.safetensors` (model + optimizer tensors, JSON state [+ GradScaler state] in the header) and `last.json`."
     folder = Path(folder)
     tensors = {f'model.{k}': v for k, v in clip.model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -230,6 +237,7 @@ def save_checkpoint(folder: str | Path, clip: ClipModel, optimizer: torch.optim.
                 opt_state[str(idx)][k] = {'tensor': f'optim.{idx}.{k}'}
             else: opt_state[str(idx)][k] = v
     state = {**state, 'optimizer': {'param_groups': opt['param_groups'], 'state': opt_state}}
+    if scaler is not None: state['grad_scaler'] = scaler.state_dict()   # python numbers only: JSON
     text = json.dumps(state, sort_keys=True)
     path = save_safetensors(tensors, folder/'last.safetensors', metadata={'format': CHECKPOINT_FORMAT, 'state': text})
     save_json(state, folder/'last.json')
@@ -243,13 +251,17 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
         raise TGAZSRError(f"{path} is not a tga_zsr training checkpoint (format {meta.get('format')!r})")
     return load_safetensors(path), json.loads(meta['state'])
 
-def restore_checkpoint(tensors: dict, state: dict, clip: ClipModel, optimizer: torch.optim.Optimizer) -> None:
-    "Load model weights and optimizer state saved by `save_checkpoint`."
+def restore_checkpoint(tensors: dict, state: dict, clip: ClipModel, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None = None) -> None:
+    "Load model weights, optimizer state and (given a `scaler`) the GradScaler state saved by `save_checkpoint`."
+    if scaler is not None and 'grad_scaler' not in state:
+        raise TGAZSRError("the checkpoint holds no GradScaler state (it was not written by an fp16 run)")
     clip.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('model.')}, strict=True)
     o = state['optimizer']
     opt_state = {int(i): {k: (tensors[v['tensor']] if isinstance(v, dict) and 'tensor' in v else v) for k, v in st.items()}
                  for i, st in o['state'].items()}
     optimizer.load_state_dict({'state': opt_state, 'param_groups': o['param_groups']})
+    if scaler is not None: scaler.load_state_dict(state['grad_scaler'])
 
 # %% ../nbs/09_training.ipynb #b6306b6c
 def _truncate_dvclive(folder: Path, step: int) -> None:
@@ -287,8 +299,8 @@ def trainable_parameters(clip: ClipModel, last_num_ft: int = 0) -> list[nn.Param
     return params
 
 def export_model(clip: ClipModel, path: str | Path, method: str) -> Path:
-    "The full open_clip state dict as safetensors (metadata: arch, method)."
-    return save_safetensors(clip.model.state_dict(), path, metadata={'arch': clip.arch, 'format': 'open_clip', 'method': method})
+    "The full open_clip state dict as safetensors: `models.export_open_clip` (arch, activation) plus the method's name."
+    return export_open_clip(clip, path, method=method)
 
 # %% ../nbs/09_training.ipynb #47747011
 def train(cfg: TrainConfig, train_set: Any = None, callbacks: Sequence[Callable[[dict], None]] = ()) -> Path:
@@ -304,6 +316,7 @@ def train(cfg: TrainConfig, train_set: Any = None, callbacks: Sequence[Callable[
         if own_group: dist.destroy_process_group()
 
 def _train(cfg, method, env, device, train_set, callbacks):
+    precision = check_precision(cfg.precision, device)   # 'auto' resolved; fp16 on a CPU etc.: a clear error, nothing written
     out = Path(cfg.out)
     seed_everything(cfg.seed)                      # random-init models are identical in every process
     clip = load_clip(cfg.arch, cfg.pretrained, device=device)
@@ -335,7 +348,8 @@ def _train(cfg, method, env, device, train_set, callbacks):
     batches_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, min_size=env.world_size))
     total_steps = batches_per_epoch * cfg.epochs
     if cfg.max_steps: total_steps = min(total_steps, cfg.max_steps)
-    identity = run_identity(cfg)
+    identity = run_identity(dataclasses.replace(cfg, precision=precision))
+    scaler = grad_scaler(device, precision)      # fp16 only (the official loss scaling); None: the plain fp32/bf16 update
 
     step, ckpt_dir = 0, out/'checkpoints'
     if cfg.resume and (ckpt_dir/'last.safetensors').exists():
@@ -344,14 +358,14 @@ def _train(cfg, method, env, device, train_set, callbacks):
             diff = sorted(k for k in set(identity) | set(state['identity']) if identity.get(k) != state['identity'].get(k))
             raise TGAZSRError(f"{ckpt_dir} holds a run with a different config ({', '.join(diff)}); "
                               f"use another out folder or resume=False")
-        restore_checkpoint(tensors, state, clip, optimizer)
+        restore_checkpoint(tensors, state, clip, optimizer, scaler)
         set_rng_state(state['rng'])
         step = state['step']
         del tensors
 
     def checkpoint(epoch, finished=False):
         if env.is_main:
-            save_checkpoint(ckpt_dir, clip, optimizer, {
+            save_checkpoint(ckpt_dir, clip, optimizer, scaler=scaler, state={
                 'step': step, 'epoch': epoch, 'total_steps': total_steps, 'batches_per_epoch': batches_per_epoch,
                 'identity': identity, 'rng': rng_state(), 'world_size': env.world_size, 'finished': finished,
                 'scheduler': {'name': 'cosine', 'base_lr': cfg.lr, 'warmup': cfg.warmup, 'total_steps': total_steps,
@@ -377,14 +391,14 @@ def _train(cfg, method, env, device, train_set, callbacks):
                 for g in optimizer.param_groups: g['lr'] = lr
                 delta = None
                 if method.adversarial and attack.steps > 0 and attack.eps > 0:
-                    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 'attack', step))
+                    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, *attack_start_key(step, cfg.attack_start)))
                     delta = random_delta((len(b), *images.shape[1:]), attack.eps, attack.norm, gen, device)[lo:hi]
                 ctx = StepContext(clip, weights, original=original, not_weights=not_weights, attack=attack,
                                   delta_init=delta, encode=encoder, alpha=cfg.alpha, beta=cfg.beta,
                                   distance=cfg.distance, token_norm=cfg.token_norm, attention_size=cfg.attention_size,
-                                  ft_loss=cfg.ft_loss, sum_weight=len(b) / (hi - lo))
+                                  ft_loss=cfg.ft_loss, gradcam_target=cfg.gradcam_target, sum_weight=len(b) / (hi - lo))
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device): loss, parts = method.step(ctx, images, labels)
+                with autocast(device, precision): loss, parts = method.step(ctx, images, labels)   # the attack inherits it
                 # logged values: sample-weighted means over the global batch
                 keys = sorted(parts)
                 stats = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).float().to(device) for k in keys])
@@ -395,8 +409,12 @@ def _train(cfg, method, env, device, train_set, callbacks):
                     good = ckpt_dir/'last.safetensors'
                     raise TGAZSRError(f"loss is {stats[0]} at step {step} (method {method.name}, lr {lr:.3g}); training "
                                       f"stopped. Last good checkpoint: {good if good.exists() else 'none yet'}")
-                (loss * ((hi - lo) * env.world_size / len(b))).backward()
-                optimizer.step()
+                if scaler is None:
+                    (loss * ((hi - lo) * env.world_size / len(b))).backward()
+                    optimizer.step()
+                else:                                     # fp16: the official GradScaler update
+                    scaler.scale(loss * ((hi - lo) * env.world_size / len(b))).backward()
+                    scaler.step(optimizer); scaler.update()
                 step += 1; steps_here += 1
                 last = {'loss': stats[0], **dict(zip(keys, stats[1:])), 'lr': lr}
                 if live is not None and (step - 1) % cfg.log_every == 0:
@@ -411,7 +429,7 @@ def _train(cfg, method, env, device, train_set, callbacks):
                     checkpoint(step // batches_per_epoch, finished=step == total_steps)
                 for cb in callbacks:
                     cb({'step': step, 'epoch': epoch, 'loss': stats[0], 'parts': last, 'lr': lr, 'clip': clip,
-                        'optimizer': optimizer})
+                        'optimizer': optimizer, 'scaler': scaler})
                 if stop: return ckpt_dir/'last.safetensors'
     finally:
         bar.close()
@@ -422,6 +440,7 @@ def _train(cfg, method, env, device, train_set, callbacks):
         save_json({'method': method.name, 'arch': cfg.arch, 'pretrained': cfg.pretrained, 'steps': step,
                    'total_steps': total_steps, 'epochs': cfg.epochs, 'world_size': env.world_size,
                    'wall_seconds_this_invocation': round(time.time() - t0, 3), 'final': last, 'finished': True,
+                   'precision': precision,
                    'config': asdict(cfg)}, out/'train_summary.json')
     if env.world_size > 1: dist.barrier()
     return path
