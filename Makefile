@@ -10,7 +10,7 @@ PROFILE ?=
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-paper export-check repro repro-paper bench bench-gpu
+.PHONY: venv test test-paper export-check notebooks lab repro repro-paper bench bench-gpu
 
 venv: $(STAMP)
 
@@ -35,6 +35,16 @@ export-check: venv
 	  echo "export-check: nbdev_export/nbdev_clean changed the tree; run them and commit the result:"; \
 	  git status --short; exit 1; \
 	fi; echo "export-check: library and notebooks agree, notebooks are clean"
+
+## Execute library notebooks top to bottom in place, so they are committed with their outputs (NB=nbs/x.ipynb for one).
+NB ?= $(wildcard nbs/[0-9]*.ipynb) nbs/index.ipynb
+notebooks: venv
+	OMP_NUM_THREADS=1 $(BIN)/python tools/execute_notebooks.py $(NB)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean
+
+## JupyterLab on the notebooks, with the project's kernel (the venv's python3).
+lab: venv
+	$(BIN)/jupyter lab nbs
 
 ## Dry run of the paper profile: its own dvc.yaml stages via `dvc repro` in a temporary copy, on CPU, ViT-B-32 (QuickGELU,
 ## 224 px) with random weights behind the `openai` tag, fixture datasets in their real layouts, tiny budgets (<= 15 min).

@@ -6,7 +6,7 @@ the paper's attacks (PGD, CW, APGD-CE+DLR as listed in the profile), real class 
 paper's Tables 1-2 beside the run.
 What shrinks (`shrink` below, nothing else): the weights are random (`openai` is "downloaded" from a seeded random
 state dict placed in a Hugging Face cache: `tga_zsr.testing.seed_hf_cache`, run with HF_HUB_OFFLINE=1); the datasets
-are fixture folders in each dataset's real on-disk layout (`tga_zsr.datasets.write_fixture`, a few images and classes
+are fixture folders in each dataset's real on-disk layout (`tga_zsr.testing.write_fixture`, a few images and classes
 each, checksums skipped); 2 training steps of batch 2; 2 images per test dataset; every attack 2 steps; fp32 (CPU).
 
 Prints one summary line; exits 1 with the failing check (and keeps the copy) otherwise. `--keep` keeps the copy.
@@ -39,7 +39,9 @@ def shrink(P: dict) -> dict:
 
 def write_data(root: Path, P: dict) -> list[str]:
     "Fixture folders for the training set and every test dataset, laid out as the real downloads are."
-    from tga_zsr.datasets import write_fixture, sort_tinyimagenet_val, paper_dataset_name
+    from tga_zsr.datasets import paper_dataset_name
+    from tga_zsr.prepare import sort_tinyimagenet_val
+    from tga_zsr.testing import write_fixture
     names = list(dict.fromkeys([P['finetune'].get('dataset', 'tinyimagenet')] + list(P['evaluate']['datasets'])))
     for n in names: write_fixture(n, root)
     if any(paper_dataset_name(n) == 'tinyimagenet' for n in names):
