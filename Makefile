@@ -10,7 +10,7 @@ PROFILE ?=
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-paper export-check notebooks lab repro repro-paper bench bench-gpu
+.PHONY: venv test test-wheel test-paper export-check notebooks lab repro repro-paper bench bench-gpu
 
 venv: $(STAMP)
 
@@ -25,7 +25,11 @@ $(STAMP): settings.ini setup.py
 ## and the smoke profile of the pipeline runs end to end.
 test: venv export-check
 	$(BIN)/nbdev_test --n_workers 2 --timing
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+## The built wheel in an empty virtualenv, used outside the repository (~3 min, ~6 GB of runtime requirements).
+test-wheel: venv
+	$(BIN)/python -m pytest -q -m slow tests/test_wheel.py
 
 export-check: venv
 	@before="$$(git status --porcelain; git diff | sha1sum)"; \

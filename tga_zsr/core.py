@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['PRECISIONS', 'TGAZSRError', 'Registry', 'resolve_device', 'check_precision', 'autocast', 'grad_scaler',
            'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'safetensors_metadata', 'from_255']
+           'load_safetensors', 'safetensors_metadata', 'from_255', 'load_asset']
 
 # %% ../nbs/00_core.ipynb #d111f58c
 class TGAZSRError(Exception):
@@ -174,3 +174,22 @@ def from_255(v: float, name: str = 'eps') -> float:
     v = float(v)
     if v < 0 or v != v: raise TGAZSRError(f"{name} must be >= 0 (in 1/255 units), got {v}")
     return v / 255.
+
+# %% ../nbs/00_core.ipynb #a82517dc
+import importlib.resources
+
+def _assets_dir():
+    return importlib.resources.files('tga_zsr') / 'assets'
+
+@functools.lru_cache(maxsize=None)
+def _asset_text(name: str) -> str:
+    path = _assets_dir() / f'{name}.json'
+    if not path.is_file():
+        have = sorted(p.name[:-len('.json')] for p in _assets_dir().iterdir() if p.name.endswith('.json')) if _assets_dir().is_dir() else []
+        raise TGAZSRError(f"unknown asset {name!r}: tga_zsr/assets/{name}.json is not in the package; "
+                          f"available: {', '.join(have) or 'none'}")
+    return path.read_text(encoding='utf-8')
+
+def load_asset(name: str) -> Any:
+    "The parsed JSON of the package data file `tga_zsr/assets/<name>.json` (read once, a fresh copy on every call)."
+    return json.loads(_asset_text(name))

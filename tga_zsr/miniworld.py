@@ -14,10 +14,11 @@ import numpy as np
 from .core import Registry, TGAZSRError
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TEXTURES', 'SIZES', 'POSITIONS', 'COUNT_WORDS', 'LETTERS', 'FORMAT', 'PREFIXES',
-           'SUITE', 'FINETUNE', 'WORLD_PROFILES', 'letter_bitmap', 'digit_bitmaps', 'shape_coverage', 'glyph_coverage',
-           'texture_pattern', 'Scene', 'sample_scene', 'render_scene', 'CaptionStyle', 'caption_scene', 'Task',
-           'WorldConfig', 'render_task', 'render_corpus', 'generate_world', 'load_npy_folder']
+__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TEXTURES', 'SIZES', 'POSITIONS', 'COUNT_WORDS', 'LETTERS', 'PREFIXES', 'SUITE',
+           'FINETUNE', 'WORLD_PROFILES', 'NPY_FORMAT', 'letter_bitmap', 'digit_bitmaps', 'shape_coverage',
+           'glyph_coverage', 'texture_pattern', 'Scene', 'sample_scene', 'render_scene', 'CaptionStyle',
+           'caption_scene', 'Task', 'WorldConfig', 'render_task', 'render_corpus', 'generate_world', 'save_npy_folder',
+           'load_npy_folder', 'read_npy_meta', 'is_npy_folder']
 
 # %% ../nbs/05_miniworld.ipynb #5cba9833
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'ring', 'star', 'crescent')
@@ -32,7 +33,6 @@ POSITIONS = {(0, 1): 'on the left', (2, 1): 'on the right', (1, 0): 'at the top'
              (0, 2): 'in the bottom left', (2, 2): 'in the bottom right'}
 COUNT_WORDS = ('one', 'two', 'three', 'four')
 LETTERS = 'CEFHKLPTXZ'
-FORMAT = 'tga_zsr-npy-v1'
 
 # %% ../nbs/05_miniworld.ipynb #8f32a51c
 _FONT_5X7 = {
@@ -307,6 +307,8 @@ FINETUNE = Task('finetune', 'color and shape', tuple(f'{c} {s}' for c in COLORS 
                                                   shape=SHAPES[y % len(SHAPES)]))
 
 # %% ../nbs/05_miniworld.ipynb #ad15d833
+from .config import require, checked
+
 @dataclass
 class WorldConfig:
     "Everything that determines the miniature world's bytes."
@@ -319,20 +321,24 @@ class WorldConfig:
     suite: tuple = tuple(SUITE.names())
     caption_style: CaptionStyle = field(default_factory=CaptionStyle)
 
-    def validate(self) -> 'WorldConfig':
-        "Raise `TGAZSRError` naming the first bad field."
+    def __post_init__(self):
+        "Range checks (`config.require`): a bad value raises `ConfigError` naming the field, e.g. `WorldConfig.image_size`."
+        req = lambda ok, k, problem: require(ok, k, problem, prefix='WorldConfig.')
         for k in ('seed', 'image_size', 'n_pretrain', 'n_finetune_train', 'n_finetune_val', 'n_per_suite_dataset'):
-            v = getattr(self, k)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if k == 'seed' else 1):
-                raise TGAZSRError(f"WorldConfig.{k} must be an integer >= {0 if k == 'seed' else 1}, got {v!r}")
-        if not 16 <= self.image_size <= 256:
-            raise TGAZSRError(f"WorldConfig.image_size must be between 16 and 256 pixels, got {self.image_size}")
-        if isinstance(self.suite, str) or not self.suite:
-            raise TGAZSRError(f"WorldConfig.suite must be a non-empty list of dataset names, got {self.suite!r}")
-        for name in self.suite: SUITE[name]  # unknown names raise, listing the valid ones
-        if len(set(self.suite)) != len(self.suite): raise TGAZSRError(f"WorldConfig.suite repeats a name: {list(self.suite)}")
+            v, lo = getattr(self, k), 0 if k == 'seed' else 1
+            req(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo, k, f"must be an integer >= {lo}, got {v!r}")
+        req(16 <= self.image_size <= 256, 'image_size', f"must be between 16 and 256 pixels, got {self.image_size}")
+        req(isinstance(self.suite, (list, tuple)) and len(self.suite) > 0, 'suite',
+            f"must be a non-empty list of dataset names, got {self.suite!r}")
+        self.suite = tuple(self.suite)
+        for name in self.suite: checked('suite', SUITE.__getitem__, name, prefix='WorldConfig.')  # lists the valid names
+        req(len(set(self.suite)) == len(self.suite), 'suite', f"repeats a name: {list(self.suite)}")
         for k, p in dataclasses.asdict(self.caption_style).items():
-            if not 0 <= p <= 1: raise TGAZSRError(f"CaptionStyle.{k} must be a probability in [0, 1], got {p}")
+            req(0 <= p <= 1, f'caption_style.{k}', f"must be a probability in [0, 1], got {p}")
+
+    def validate(self) -> 'WorldConfig':
+        "Re-run the checks (after a field was changed in place); returns `self`."
+        self.__post_init__()
         return self
 
     def as_dict(self) -> dict:
@@ -347,15 +353,6 @@ WORLD_PROFILES = {
 # %% ../nbs/05_miniworld.ipynb #d320ac03
 def _stream(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(name.encode()),)))
-
-def _save_npy_folder(path: Path, meta: dict, images, masks, labels=None, captions=None) -> None:
-    path.mkdir(parents=True)
-    np.save(path / 'images.npy', images, allow_pickle=False)
-    np.save(path / 'masks.npy', masks, allow_pickle=False)
-    if labels is not None: np.save(path / 'labels.npy', labels.astype(np.int64), allow_pickle=False)
-    if captions is not None: (path / 'captions.json').write_text(json.dumps(list(captions), indent=1) + '\n')
-    meta = dict(meta, format=FORMAT, n=len(images), image_size=int(images.shape[1]))
-    (path / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
 
 def render_task(task: Task, n: int, size: int, rng: np.random.Generator, glyph_pool: np.ndarray):
     "`n` balanced, shuffled samples of `task`: images (n,H,W,3) uint8, masks (n,H,W) uint8, labels (n,) int64."
@@ -386,24 +383,24 @@ def generate_world(root: str | os.PathLike, cfg: WorldConfig = WorldConfig(), ov
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', suffix='.tmp', dir=root.parent))
     t0, size = time.time(), cfg.image_size
     train_pool, held_pool = np.flatnonzero(~digit_bitmaps()[2]), np.flatnonzero(digit_bitmaps()[2])
-    summary = {'config': cfg.as_dict(), 'format': FORMAT, 'suite': {}}
+    summary = {'config': cfg.as_dict(), 'format': NPY_FORMAT, 'suite': {}}
     try:
         jobs = [('pretrain', None), ('finetune/train', None), ('finetune/val', None)] + [(f'suite/{s}', s) for s in cfg.suite]
         bar = _progress(jobs, progress)
         for out, suite_name in bar:
             if out == 'pretrain':
                 images, masks, captions = render_corpus(cfg.n_pretrain, size, _stream(cfg.seed, 'pretrain'), cfg.caption_style)
-                _save_npy_folder(tmp / out, {'name': 'pretrain', 'task': 'captions', 'classnames': [], 'templates': []},
-                                 images, masks, captions=captions)
+                save_npy_folder(tmp / out, {'name': 'pretrain', 'task': 'captions', 'classnames': [], 'templates': []},
+                                images, masks, captions=captions)
                 summary['pretrain'] = {'n': len(images)}
                 continue
             task = FINETUNE if suite_name is None else SUITE[suite_name]
             n = {'finetune/train': cfg.n_finetune_train, 'finetune/val': cfg.n_finetune_val}.get(out, cfg.n_per_suite_dataset)
             pool = train_pool if suite_name is None else held_pool
             images, masks, labels = render_task(task, n, size, _stream(cfg.seed, out), pool)
-            _save_npy_folder(tmp / out, {'name': suite_name or out.replace('/', '_'), 'task': task.task,
-                                         'classnames': list(task.classnames), 'templates': list(task.templates)},
-                             images, masks, labels)
+            save_npy_folder(tmp / out, {'name': suite_name or out.replace('/', '_'), 'task': task.task,
+                                        'classnames': list(task.classnames), 'templates': list(task.templates)},
+                            images, masks, labels)
             entry = {'n': n, 'n_classes': len(task.classnames)}
             if suite_name is None: summary[out.replace('/', '_')] = entry
             else: summary['suite'][suite_name] = entry
@@ -422,12 +419,25 @@ def _progress(jobs, show):
     return tqdm(jobs, desc='miniworld')
 
 # %% ../nbs/05_miniworld.ipynb #40b78093
+NPY_FORMAT = 'tga_zsr-npy-v1'
+
+def save_npy_folder(path: Path, meta: dict, images, masks, labels=None, captions=None) -> Path:
+    "Write one dataset folder: the arrays, `captions.json` when given, and `meta` completed with format, n and image_size."
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    np.save(path / 'images.npy', images, allow_pickle=False)
+    np.save(path / 'masks.npy', masks, allow_pickle=False)
+    if labels is not None: np.save(path / 'labels.npy', labels.astype(np.int64), allow_pickle=False)
+    if captions is not None: (path / 'captions.json').write_text(json.dumps(list(captions), indent=1) + '\n')
+    meta = dict(meta, format=NPY_FORMAT, n=len(images), image_size=int(images.shape[1]))
+    (path / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+    return path
+
 def load_npy_folder(path: str | os.PathLike, mmap: bool = False) -> dict:
     "Read a `tga_zsr-npy-v1` folder: {'images', 'masks', 'labels' (or None), 'captions' (or None), 'meta'}."
     path = Path(path)
     if not (path / 'meta.json').is_file(): raise TGAZSRError(f"not a miniature dataset folder (no meta.json): {path}")
     meta = json.loads((path / 'meta.json').read_text())
-    if meta.get('format') != FORMAT: raise TGAZSRError(f"{path}/meta.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get('format') != NPY_FORMAT: raise TGAZSRError(f"{path}/meta.json has format {meta.get('format')!r}, expected {NPY_FORMAT!r}")
     load = lambda f: np.load(path / f, mmap_mode='r' if mmap else None, allow_pickle=False)
     out = {'images': load('images.npy'), 'masks': load('masks.npy'), 'meta': meta,
            'labels': load('labels.npy') if (path / 'labels.npy').is_file() else None,
@@ -436,3 +446,26 @@ def load_npy_folder(path: str | os.PathLike, mmap: bool = False) -> dict:
     for k in ('images', 'masks', 'labels', 'captions'):
         if out[k] is not None and len(out[k]) != n: raise TGAZSRError(f"{path}: {k} has {len(out[k])} entries, meta.json says {n}")
     return out
+
+# %% ../nbs/05_miniworld.ipynb #80e409c0
+_NPY_META_KEYS = ('format', 'name', 'task', 'classnames', 'templates', 'n', 'image_size')
+
+def read_npy_meta(folder) -> dict:
+    "Read and check a labelled dataset's `meta.json` (every key present, the right format, templates with a '{}')."
+    path = Path(folder) / 'meta.json'
+    try: meta = json.loads(path.read_text())
+    except FileNotFoundError: raise TGAZSRError(f"miniature dataset meta not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise TGAZSRError(f"corrupt miniature dataset meta {path}: {e}") from None
+    missing = [k for k in _NPY_META_KEYS if k not in meta]
+    if missing: raise TGAZSRError(f"miniature dataset meta {path} lacks keys: {', '.join(missing)}")
+    if meta['format'] != NPY_FORMAT: raise TGAZSRError(f"{path}: format {meta['format']!r} is not {NPY_FORMAT!r}")
+    bad = [t for t in meta['templates'] if '{}' not in t]
+    if not meta['templates'] or bad: raise TGAZSRError(f"{path}: every template needs a '{{}}' placeholder, got {meta['templates']!r}")
+    return meta
+
+def is_npy_folder(folder) -> bool:
+    "Whether `folder` holds a miniature-world dataset (a `meta.json` of format `NPY_FORMAT`)."
+    p = Path(folder) / 'meta.json'
+    if not p.is_file(): return False
+    try: return json.loads(p.read_text()).get('format') == NPY_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError): return False

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #cbb08ca5
 from __future__ import annotations
-import atexit, copy, json, shutil, tempfile
+import atexit, copy, json, logging, shutil, tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -206,7 +206,13 @@ def _readable(path: Path) -> bool:
         return True
     except Exception: return False
 
+class _NoRandomInitNotice(logging.Filter):
+    "Drops open_clip's 'Model initialized randomly' warning when random weights are what was asked for."
+    def filter(self, record): return 'initialized randomly' not in record.getMessage()
+
 def _create(arch: str, pretrained, quick_gelu: bool, cache_dir) -> nn.Module:
+    quiet, root = _NoRandomInitNotice(), logging.getLogger()
+    if pretrained is None: root.addFilter(quiet)
     try: return open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
     except Exception as e:
         msg = ' '.join(str(e).strip().splitlines()[:2])
@@ -215,6 +221,7 @@ def _create(arch: str, pretrained, quick_gelu: bool, cache_dir) -> nn.Module:
                 raise TGAZSRError(f"checkpoint {pretrained} does not match architecture {arch!r}: {msg}") from None
             raise TGAZSRError(f"unreadable checkpoint {pretrained}: {msg}") from None
         raise TGAZSRError(f"could not fetch open_clip weights {arch}/{pretrained} (no internet or no cache?): {msg}") from None
+    finally: root.removeFilter(quiet)
 
 def load_clip(arch: str, pretrained: str | Path | None = None, device: str | torch.device = 'cpu',
               dtype: torch.dtype = torch.float32, cache_dir: str | None = None,

@@ -29,6 +29,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'run_identity', 'check_config', '
            'trainable_parameters', 'export_model', 'train', 'run_processes']
 
 # %% ../nbs/09_training.ipynb #1bee40e8
+from .config import ConfigError, require, checked, fmt_value, from_mapping, typed_copy
+
 @dataclass
 class TrainConfig:
     "A fine-tuning run. Defaults are the paper's; `None` fields take the method's registry default."
@@ -74,11 +76,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> 'TrainConfig':
-        "Build from a mapping (YAML params, CLI); an unknown key or a non-numeric number is a clear error."
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad: raise TGAZSRError(f"unknown training option(s) {', '.join(map(repr, bad))}; valid: {', '.join(sorted(names))}")
-        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+        "Build from a mapping (YAML, JSON, CLI), converting values by the fields' annotations (`config.from_mapping`)."
+        return from_mapping(cls, d, prefix='training option ')
 
     def resolved(self) -> 'TrainConfig':
         "A copy with the method's defaults filled in (validates the method name)."
@@ -86,30 +85,6 @@ class TrainConfig:
         fill = dict(lr=m.lr, optimizer=m.optimizer, weight_decay=m.weight_decay, momentum=m.momentum,
                     alpha=m.alpha, beta=m.beta, attack_start=m.attack_start)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
-
-# %% ../nbs/09_training.ipynb #2d7874e8
-_FLOAT_FIELDS = ('lr', 'weight_decay', 'momentum', 'alpha', 'beta', 'train_eps', 'train_step_size')
-_INT_FIELDS = ('image_size', 'max_images', 'epochs', 'batch_size', 'max_steps', 'warmup', 'attention_size', 'train_steps',
-               'last_num_ft', 'seed', 'num_workers', 'checkpoint_every', 'log_every', 'stop_after')
-_BOOL_FIELDS = ('resume', 'progress')
-
-def _coerce(name: str, v):
-    "Numbers from YAML/CLI strings ('1e-4' is a string in YAML 1.1) to the field's type, with a clear error."
-    if v is None: return v
-    try:
-        if name in _FLOAT_FIELDS: return float(v)
-        if name in _INT_FIELDS:
-            f = float(v)
-            if f != int(f): raise ValueError
-            return int(f)
-        if name in _BOOL_FIELDS and isinstance(v, str):
-            if v.lower() in ('true', 'yes', '1'): return True
-            if v.lower() in ('false', 'no', '0'): return False
-            raise ValueError
-    except (TypeError, ValueError):
-        kind = 'a number' if name in _FLOAT_FIELDS else 'an integer' if name in _INT_FIELDS else 'true or false'
-        raise TGAZSRError(f"training option {name} must be {kind}; got {v!r}") from None
-    return v
 
 # %% ../nbs/09_training.ipynb #3260ccc8
 _NOT_IDENTITY = ('out', 'resume', 'progress', 'stop_after', 'num_workers', 'checkpoint_every', 'log_every', 'device')
@@ -127,37 +102,32 @@ def _check(ok: bool, msg: str):
     if not ok: raise TGAZSRError(msg)
 
 def check_config(cfg: TrainConfig, need_data: bool = True) -> TrainConfig:
-    "Validate `cfg` (names, ranges, paths) and return it resolved; raises `TGAZSRError` on the first bad value."
+    "Validate `cfg` (types, names, ranges, paths) and return it typed and resolved; a bad value raises `ConfigError` naming the field."
     if not isinstance(cfg, TrainConfig): raise TGAZSRError(f"expected a TrainConfig, got {type(cfg).__name__}")
-    r = cfg.resolved()                                            # unknown method -> clear error
-    for k in _FLOAT_FIELDS + _INT_FIELDS:                         # wrong types (a TrainConfig built by hand)
-        v = getattr(r, k)
-        _check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and (k in _FLOAT_FIELDS or isinstance(v, int))),
-               f"{k} must be {'a number' if k in _FLOAT_FIELDS else 'an integer'}; got {v!r}")
+    r = checked('method', typed_copy(cfg).resolved)               # wrong types (built by hand), then an unknown method
     if r.arch in ARCHS: register_arch(r.arch)
-    _check(r.arch in open_clip.list_models(),
-           f"unknown architecture {r.arch!r}; use an open_clip model name or one of: {', '.join(ARCHS.names())}")
+    require(r.arch in open_clip.list_models(), 'arch',
+            f"is invalid: unknown architecture {r.arch!r}; use an open_clip model name or one of: {', '.join(ARCHS.names())}")
     for k, choices in _CHOICES.items():
-        _check(getattr(r, k) in choices, f"{k} must be one of {', '.join(choices)}; got {getattr(r, k)!r}")
-    check_precision(r.precision)                                # the name; the device is checked by `train`
-    from_255(r.train_eps, 'train_eps'); from_255(r.train_step_size, 'train_step_size')
-    for k in ('epochs', 'batch_size'):
-        _check(isinstance(getattr(r, k), int) and getattr(r, k) >= 1, f"{k} must be an integer >= 1; got {getattr(r, k)!r}")
-    for k in ('train_steps', 'warmup', 'last_num_ft', 'checkpoint_every', 'num_workers', 'seed'):
-        _check(isinstance(getattr(r, k), int) and getattr(r, k) >= 0, f"{k} must be an integer >= 0; got {getattr(r, k)!r}")
-    _check(isinstance(r.log_every, int) and r.log_every >= 1, f"log_every must be an integer >= 1; got {r.log_every!r}")
+        require(getattr(r, k) in choices, k, f"must be one of {', '.join(choices)}, got {getattr(r, k)!r}")
+    checked('precision', check_precision, r.precision)           # the name; the device is checked by `train`
+    for k in ('train_eps', 'train_step_size'):
+        require(getattr(r, k) >= 0, k, f"must be >= 0 (in 1/255 units), got {fmt_value(getattr(r, k))}")
+    for k, lo in (('epochs', 1), ('batch_size', 1), ('log_every', 1), ('train_steps', 0), ('warmup', 0), ('last_num_ft', 0),
+                  ('checkpoint_every', 0), ('num_workers', 0), ('seed', 0)):
+        require(getattr(r, k) >= lo, k, f"must be an integer >= {lo}, got {getattr(r, k)!r}")
     for k in ('max_steps', 'stop_after', 'max_images', 'image_size', 'attention_size'):
         v = getattr(r, k)
-        _check(v is None or (isinstance(v, int) and v >= 1), f"{k} must be None or an integer >= 1; got {v!r}")
-    _check(r.lr is not None and r.lr > 0, f"lr must be > 0; got {r.lr!r}")
-    _check(r.weight_decay >= 0, f"weight_decay must be >= 0; got {r.weight_decay!r}")
-    _check(0 <= r.momentum < 1, f"momentum must be in [0, 1); got {r.momentum!r}")
+        require(v is None or v >= 1, k, f"must be an integer >= 1 or null, got {v!r}")
+    require(r.lr is not None and r.lr > 0, 'lr', f"must be > 0, got {r.lr!r}")
+    require(r.weight_decay >= 0, 'weight_decay', f"must be >= 0, got {fmt_value(r.weight_decay)}")
+    require(0 <= r.momentum < 1, 'momentum', f"must be in [0, 1), got {r.momentum!r}")
     for k in ('alpha', 'beta'):
         v = getattr(r, k)
-        _check(v is None or v >= 0, f"{k} must be >= 0; got {v!r}")
-    _check('{}' in r.template, f"template must contain '{{}}' for the class name; got {r.template!r}")
+        require(v is None or v >= 0, k, f"must be >= 0, got {fmt_value(v)}")
+    require('{}' in r.template, 'template', f"must contain '{{}}' for the class name, got {r.template!r}")
     if need_data and METHODS[r.method].step is not None:
-        _check(Path(r.data_root).exists(), f"data_root {r.data_root!r} does not exist (run `tga-zsr prepare-data` or fix the path)")
+        require(Path(r.data_root).exists(), 'data_root', f"{r.data_root!r} does not exist (run `tga-zsr prepare-data` or fix the path)")
     return r
 
 # %% ../nbs/09_training.ipynb #b4d94062

@@ -34,8 +34,9 @@ def execute(path: Path, skip_flags: set[str]) -> float:
     def skip(cell):
         if cell.cell_type != 'code': return True
         d = directives(cell.source)
-        if d.get('eval:', [''])[0].lower() == 'false': return True
-        return bool(skip_flags & set(d))
+        if d.get('eval:', [''])[0].lower() == 'false' or skip_flags & set(d): return True
+        cell.outputs, cell.execution_count = [], None   # a cell that now prints nothing must not keep an old output
+        return False
     t0 = time.time()
     shell = CaptureShell(path)
     cwd = os.getcwd()
