@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['PRECISIONS', 'TGAZSRError', 'Registry', 'resolve_device', 'check_precision', 'autocast', 'grad_scaler',
            'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'safetensors_metadata', 'from_255', 'load_asset']
+           'load_safetensors', 'safetensors_metadata', 'from_255', 'load_asset', 'read_tsv', 'write_tsv']
 
 # %% ../nbs/00_core.ipynb #d111f58c
 class TGAZSRError(Exception):
@@ -193,3 +193,28 @@ def _asset_text(name: str) -> str:
 def load_asset(name: str) -> Any:
     "The parsed JSON of the package data file `tga_zsr/assets/<name>.json` (read once, a fresh copy on every call)."
     return json.loads(_asset_text(name))
+
+# %% ../nbs/00_core.ipynb #a09a5829
+import csv
+from typing import Mapping, Sequence
+
+def read_tsv(path) -> dict[str, list[float]]:
+    "Columns of a tab-separated file with a header row, as float lists (non-numeric cells become NaN)."
+    path = Path(path)
+    if not path.is_file(): raise TGAZSRError(f"curve file not found: {path}")
+    with open(path, newline='') as f: rows = list(csv.reader(f, delimiter='\t'))
+    if not rows: return {}
+    def num(v):
+        try: return float(v)
+        except ValueError: return float('nan')
+    return {h: [num(r[j]) if j < len(r) else float('nan') for r in rows[1:]] for j, h in enumerate(rows[0])}
+
+def write_tsv(columns: Mapping[str, Sequence], path) -> Path:
+    "Write equal-length columns as a TSV with a header row (atomically)."
+    names = list(columns); n = len(next(iter(columns.values()), []))
+    if any(len(columns[c]) != n for c in names): raise TGAZSRError(f"columns of {path} have different lengths")
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', newline='') as f:
+            w = csv.writer(f, delimiter='\t', lineterminator='\n'); w.writerow(names)
+            w.writerows(zip(*(columns[c] for c in names)))
+    return Path(path)

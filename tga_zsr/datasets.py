@@ -222,7 +222,7 @@ _register(DatasetSpec(
     'caltech256', 'Caltech-256', 'all', 'crop', ('A photo of a {}.',),
     lambda root, tf, dl, split: _TV.Caltech256(str(root), transform=tf, download=dl),
     lambda ds: [c[4:].replace('-101', '').lower().replace('_', ' ').replace('-', ' ').strip() for c in ds.categories],
-    {'all': ('caltech256/256_ObjectCategories',)}, {'all': 30_607}))
+    {'all': ('caltech256/256_ObjectCategories',)}, {'all': 30_607}));   # (the semicolon: no echo of the spec in the notebook)
 
 # %% ../nbs/07_datasets.ipynb #b4bbb3ff
 class StanfordCarsAnnos(Dataset):
@@ -275,7 +275,7 @@ _register(DatasetSpec(
     fetch=("torchvision downloads PCAM from Google Drive, which often refuses with a quota error: download "
            "camelyonpatch_level_2_split_test_x.h5.gz and camelyonpatch_level_2_split_test_y.h5.gz from the links in "
            "https://github.com/basveeling/pcam (Google Drive or the Zenodo mirror, record 2546921), gunzip them and put "
-           "the two .h5 files in {root}/pcam/")))
+           "the two .h5 files in {root}/pcam/")));   # (the semicolon: no echo of the spec in the notebook)
 
 # %% ../nbs/07_datasets.ipynb #36ef21e6
 PAPER_DATASETS = DATASETS.names()   # the paper's table order: Tiny-ImageNet first, then the 15 zero-shot datasets

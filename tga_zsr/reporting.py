@@ -4,21 +4,22 @@
 
 # %% ../nbs/11_reporting.ipynb #5512e8dd
 from __future__ import annotations
-import csv, json, math, os, re
+import json, math, os, re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .core import TGAZSRError, atomic_path, load_json
+from .core import read_tsv, write_tsv   # the curve TSV format (owned by core), kept importable from here
 
 # %% auto #0
 __all__ = ['PAPER_RESULTS', 'PAPER_ATTACK', 'PAPER_DATASET_KEYS', 'METHOD_TITLES', 'TIE', 'method_title', 'dataset_title',
-           'is_metrics', 'load_metrics', 'load_attention', 'attack_label', 'order_datasets', 'by_attack', 'datasets_of',
-           'synthetic_results', 'accuracy_table', 'markdown_table', 'paper_comparison_table', 'plot_tradeoff',
-           'plot_per_dataset', 'plot_attention_grid', 'attention_summary', 'plot_attention_stats', 'read_tsv',
-           'write_tsv', 'plot_training_curves', 'plot_samples', 'avg_stderr', 'kendall_tau', 'reading',
-           'attention_table', 'write_report']
+           'synthetic_results', 'is_metrics', 'load_metrics', 'load_attention', 'attack_label', 'order_datasets',
+           'by_attack', 'datasets_of', 'accuracy_table', 'markdown_table', 'paper_comparison_table', 'plot_tradeoff',
+           'plot_per_dataset', 'plot_attention_grid', 'attention_summary', 'plot_attention_stats',
+           'plot_training_curves', 'plot_samples', 'avg_stderr', 'kendall_tau', 'reading', 'attention_table',
+           'write_report']
 
 # %% ../nbs/11_reporting.ipynb #13d1b599
 from .core import load_asset
@@ -49,7 +50,22 @@ def dataset_title(name: str) -> str:
     inv = {v: k for k, v in PAPER_DATASET_KEYS.items()}
     return inv.get(name, name)
 
-# %% ../nbs/11_reporting.ipynb #5f43ffe6
+# %% ../nbs/11_reporting.ipynb #cea55f23
+def synthetic_results(methods=('clip', 'tecoa', 'tga_zsr'), datasets=('shapes', 'colors'),
+                      attacks=({'name': 'pgd', 'norm': 'linf', 'eps': 1.0, 'steps': 10, 'step_size': 1.0},), seed=0, n=100) -> list[dict]:
+    "Made-up metrics in the exact shape of `evaluation.evaluate` (for tests and examples)."
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in attacks:
+        for i, m in enumerate(methods):
+            clean = {d: round(float(90 - 10 * i + rng.uniform(-3, 3)), 2) for d in datasets}
+            robust = {d: round(float(5 + 20 * i + rng.uniform(-3, 3)) / (1 + a['eps'] / 4), 2) for d in datasets}
+            out.append({'method': m, 'attack': dict(a), 'n': {d: n for d in datasets},
+                        'clean': {**clean, 'avg': round(float(np.mean(list(clean.values()))), 4)},
+                        'robust': {**robust, 'avg': round(float(np.mean(list(robust.values()))), 4)}})
+    return out
+
+# %% ../nbs/11_reporting.ipynb #de57f049
 def is_metrics(d) -> bool:
     "Whether a JSON object has the shape of an `evaluation.evaluate` result."
     return isinstance(d, dict) and {'method', 'attack', 'clean', 'robust'} <= set(d)
@@ -66,6 +82,7 @@ def load_attention(folder: str | os.PathLike) -> dict[str, dict]:
     "`{method: attention_shift result}` from the `<method>_attention.json` files under `folder`."
     return {p.name[:-len('_attention.json')]: load_json(p) for p in sorted(Path(folder).rglob('*_attention.json'))}
 
+# %% ../nbs/11_reporting.ipynb #855aec40
 def _fmt_num(v) -> str:
     v = float(v)
     return str(int(v)) if v == int(v) else f'{v:g}'
@@ -83,6 +100,7 @@ def attack_label(attack: Mapping) -> str:
     title = {'pgd': 'PGD', 'cw': 'CW'}.get(name, name)
     return f"{title}-{attack.get('steps')} ({norm}, ε={eps}/255)"
 
+# %% ../nbs/11_reporting.ipynb #be3ad785
 def order_datasets(result: Mapping, datasets: Sequence[str] | None = None) -> dict:
     """A copy of `result` whose per-dataset dicts follow `datasets` (default: the paper's column order for the paper's
     datasets, then the others as they come), 'avg' last. Metrics files store keys sorted, so order is restored here."""
@@ -112,21 +130,6 @@ def datasets_of(results_by_method: Mapping[str, dict]) -> list[str]:
         for k in r['clean']:
             if k != 'avg': seen.setdefault(k, None)
     return list(seen)
-
-# %% ../nbs/11_reporting.ipynb #cea55f23
-def synthetic_results(methods=('clip', 'tecoa', 'tga_zsr'), datasets=('shapes', 'colors'),
-                      attacks=({'name': 'pgd', 'norm': 'linf', 'eps': 1.0, 'steps': 10, 'step_size': 1.0},), seed=0, n=100) -> list[dict]:
-    "Made-up metrics in the exact shape of `evaluation.evaluate` (for tests and examples)."
-    rng = np.random.default_rng(seed)
-    out = []
-    for a in attacks:
-        for i, m in enumerate(methods):
-            clean = {d: round(float(90 - 10 * i + rng.uniform(-3, 3)), 2) for d in datasets}
-            robust = {d: round(float(5 + 20 * i + rng.uniform(-3, 3)) / (1 + a['eps'] / 4), 2) for d in datasets}
-            out.append({'method': m, 'attack': dict(a), 'n': {d: n for d in datasets},
-                        'clean': {**clean, 'avg': round(float(np.mean(list(clean.values()))), 4)},
-                        'robust': {**robust, 'avg': round(float(np.mean(list(robust.values()))), 4)}})
-    return out
 
 # %% ../nbs/11_reporting.ipynb #a69cc678
 def accuracy_table(results_by_method: Mapping[str, dict], kind: str = 'robust',
@@ -262,7 +265,7 @@ def plot_attention_grid(examples: Mapping, path, methods: Sequence[str] = ('tga_
     if title: fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
-# %% ../nbs/11_reporting.ipynb #1b3c52a3
+# %% ../nbs/11_reporting.ipynb #f2d4b5ec
 def attention_summary(attention: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, float]]:
     "Per method, dataset-averaged attention distances and localization scores (None where unavailable)."
     def mean(vals):
@@ -279,6 +282,7 @@ def attention_summary(attention: Mapping[str, Mapping[str, dict]]) -> dict[str, 
         out[m] = s
     return out
 
+# %% ../nbs/11_reporting.ipynb #49550311
 def plot_attention_stats(attention: Mapping[str, Mapping[str, dict]], path, title: str = '') -> Path:
     "Bars per method: attention distances (left), mask energy (middle) and pointing game (right), clean vs adversarial."
     summ = attention_summary(attention)
@@ -303,28 +307,7 @@ def plot_attention_stats(attention: Mapping[str, Mapping[str, dict]], path, titl
     if title: fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
-# %% ../nbs/11_reporting.ipynb #a4b9c6e2
-def read_tsv(path) -> dict[str, list[float]]:
-    "Columns of a tab-separated file with a header row, as float lists (non-numeric cells become NaN)."
-    path = Path(path)
-    if not path.is_file(): raise TGAZSRError(f"curve file not found: {path}")
-    with open(path, newline='') as f: rows = list(csv.reader(f, delimiter='\t'))
-    if not rows: return {}
-    def num(v):
-        try: return float(v)
-        except ValueError: return float('nan')
-    return {h: [num(r[j]) if j < len(r) else float('nan') for r in rows[1:]] for j, h in enumerate(rows[0])}
-
-def write_tsv(columns: Mapping[str, Sequence], path) -> Path:
-    "Write equal-length columns as a TSV with a header row (atomically)."
-    names = list(columns); n = len(next(iter(columns.values()), []))
-    if any(len(columns[c]) != n for c in names): raise TGAZSRError(f"columns of {path} have different lengths")
-    with atomic_path(path) as tmp:
-        with open(tmp, 'w', newline='') as f:
-            w = csv.writer(f, delimiter='\t', lineterminator='\n'); w.writerow(names)
-            w.writerows(zip(*(columns[c] for c in names)))
-    return Path(path)
-
+# %% ../nbs/11_reporting.ipynb #4b9ed7f1
 def _smooth(v: Sequence[float], window: int | None) -> np.ndarray:
     "Trailing moving average over `window` points (None: 1/20 of the series), NaN-aware."
     v = np.asarray(v, dtype=float); w = max(1, len(v) // 20) if window is None else max(1, int(window))
@@ -335,6 +318,7 @@ def _smooth(v: Sequence[float], window: int | None) -> np.ndarray:
     n = cn[hi] - cn[lo]
     return np.where(n > 0, (cs[hi] - cs[lo]) / np.maximum(n, 1), np.nan)
 
+# %% ../nbs/11_reporting.ipynb #b0865dee
 def plot_training_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path, x: str = 'step',
                          metrics: Sequence[str] | None = None, title: str = '', smooth: int | None = None) -> Path:
     "One panel per metric, one line per method (moving average, see `_smooth`); `curves` is `{method: {column: values}}`."
@@ -377,7 +361,7 @@ def plot_samples(panels: Sequence[Mapping], path, title: str = '') -> Path:
     if title: fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
-# %% ../nbs/11_reporting.ipynb #4b949bad
+# %% ../nbs/11_reporting.ipynb #eca0910f
 def avg_stderr(result: Mapping, kind: str = 'robust') -> float | None:
     "Binomial standard error (percent points) of the dataset-averaged accuracy; None when image counts are unknown."
     n = result.get('n') or {}
@@ -386,6 +370,7 @@ def avg_stderr(result: Mapping, kind: str = 'robust') -> float | None:
     var = sum((result[kind][d] / 100) * (1 - result[kind][d] / 100) / n[d] for d in ds)
     return 100 * math.sqrt(var) / len(ds)
 
+# %% ../nbs/11_reporting.ipynb #14fb276a
 TIE = 0.005   # accuracies (in %) closer than this count as tied
 
 def kendall_tau(a: Mapping[str, float], b: Mapping[str, float], tol: float = TIE) -> float | None:
@@ -403,6 +388,7 @@ def kendall_tau(a: Mapping[str, float], b: Mapping[str, float], tol: float = TIE
     denom = math.sqrt((pairs - ta) * (pairs - tb))
     return (conc - disc) / denom if denom else None
 
+# %% ../nbs/11_reporting.ipynb #44c38450
 def _rank(results_by_method, kind='robust'):
     return sorted(results_by_method, key=lambda m: -results_by_method[m][kind]['avg'])
 
@@ -492,7 +478,7 @@ def reading(results_by_method: Mapping[str, dict], attention: Mapping[str, Mappi
                        f"{S[ours]['energy_clean']:.2f} and {S[original]['energy_clean']:.2f}).")
     return out
 
-# %% ../nbs/11_reporting.ipynb #a8668359
+# %% ../nbs/11_reporting.ipynb #fcab697e
 def attention_table(attention: Mapping[str, Mapping[str, dict]]) -> tuple[list[str], list[list]]:
     "Header and rows: per method, dataset-averaged attention distances and localization scores."
     S = attention_summary(attention)
@@ -506,6 +492,7 @@ def attention_table(attention: Mapping[str, Mapping[str, dict]]) -> tuple[list[s
 def _attention_digits(header: Sequence[str]) -> list[int]:
     return [0] + [1 if '%' in h else 3 for h in header[1:]]
 
+# %% ../nbs/11_reporting.ipynb #a315843c
 def write_report(path, results: Sequence[dict], methods: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
                  attention: Mapping[str, Mapping[str, dict]] | None = None, figures: Mapping[str, str | os.PathLike] | None = None,
                  setup: Mapping[str, object] | None = None, profile: str = '', compare_paper: bool | None = None) -> str:

@@ -32,7 +32,7 @@ def prepare_run_dir(cfg, pretrained: Path) -> bool:
 
 def collect_curves(dvclive_dir: str | os.PathLike) -> dict[str, list]:
     "Merge dvclive's per-metric TSVs (`plots/metrics/**.tsv`: timestamp, step, value) into columns keyed by step."
-    from tga_zsr.reporting import read_tsv
+    from tga_zsr.core import read_tsv
     base = Path(dvclive_dir) / 'plots' / 'metrics'
     files = sorted(base.rglob('*.tsv')) if base.is_dir() else []
     names = [str(f.relative_to(base).with_suffix('')) for f in files]
@@ -61,7 +61,7 @@ def _torchrun_train(cfg, nproc: int) -> Path:
 def stage_finetune(params: StudyParams, method: str, root: str | os.PathLike = '.') -> dict:
     "Fine-tune `method` into `models/<method>/` and write its curve `results/curves/<method>.tsv`."
     from tga_zsr.training import train
-    from tga_zsr.reporting import write_tsv
+    from tga_zsr.core import write_tsv
     root = Path(root); p = stage_paths(method)
     cfg = params.train_config(method, root)          # an unknown method fails here, naming it
     device = configure(params)

@@ -25,7 +25,7 @@ def stage_pretrain(params: StudyParams, root: str | os.PathLike = '.') -> dict:
     t0 = time.time(); summary = {'arch': arch, 'pretrained': tag}
     if tag is None:
         from tga_zsr.pretrain import pretrain_from_scratch
-        from tga_zsr.reporting import write_tsv
+        from tga_zsr.core import write_tsv
         clip, history = pretrain_from_scratch(arch, root / DATA_DIR / 'pretrain', root / out['pretrained'],
                                               seed=params.seed, device=device, progress=True, **params.pretrain.options())
         if history:

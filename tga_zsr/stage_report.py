@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .core import TGAZSRError
+from .core import TGAZSRError, read_tsv
 from .config import fmt_value
 from .pipeline import stage_paths
 from .params import StudyParams
@@ -64,7 +64,7 @@ def stage_figures(params: StudyParams, root: str | os.PathLike = '.') -> dict[st
         R.plot_attention_grid(ex, figdir / 'attention_grid.png', methods=shown, original='clip',
                               title=f'Text-guided attention on {ex["dataset"]}, clean and under {main}')
         written['attention_grid.png'] = FIGURES['attention_grid.png']
-    curves = {m: R.read_tsv(f) for m in methods if (f := root / stage_paths(m)['curve']).is_file()}
+    curves = {m: read_tsv(f) for m in methods if (f := root / stage_paths(m)['curve']).is_file()}
     curves = {m: c for m, c in curves.items() if c.get('step')}
     if curves:
         R.plot_training_curves(curves, figdir / 'training_curves.png', title='Fine-tuning (per step)')

@@ -272,7 +272,50 @@ def export_model(clip: ClipModel, path: str | Path, method: str) -> Path:
     "The full open_clip state dict as safetensors: `models.export_open_clip` (arch, activation) plus the method's name."
     return export_open_clip(clip, path, method=method)
 
-# %% ../nbs/09_training.ipynb #47747011
+# %% ../nbs/09_training.ipynb #2272a49b
+def _attack_start(cfg: TrainConfig, attack: TrainAttack, step: int, n: int, shape, lo: int, hi: int, device) -> torch.Tensor:
+    "This process's slice `lo:hi` of the PGD random start of global `step` (drawn for the global batch of `n` from a keyed generator)."
+    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, *attack_start_key(step, cfg.attack_start)))
+    return random_delta((n, *shape), attack.eps, attack.norm, gen, device)[lo:hi]
+
+def _global_means(loss: torch.Tensor, parts: dict, device, env: DistEnv, lo: int, hi: int, n: int) -> tuple[list[str], list[float]]:
+    "The loss and its `parts` (sorted keys) as sample-weighted means over the global batch of `n`; this process holds `lo:hi`."
+    keys = sorted(parts)
+    stats = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).float().to(device) for k in keys])
+    stats = stats * (hi - lo)
+    if env.world_size > 1: dist.all_reduce(stats)
+    return keys, (stats / n).tolist()
+
+def _update(loss: torch.Tensor, weight: float, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    "Backward of `loss * weight` and the optimizer step; fp16 (a `scaler`): the official GradScaler update."
+    if scaler is None:
+        (loss * weight).backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss * weight).backward()
+        scaler.step(optimizer); scaler.update()
+
+def _log_step(live, step: int, values: dict, epoch: int) -> None:
+    "One dvclive row per metric for `step`."
+    live.step = step
+    for k, v in values.items(): live.log_metric(f'train/{k}', v)
+    live.log_metric('train/epoch', epoch)
+    live.sync()
+
+# %% ../nbs/09_training.ipynb #c77060f3
+def _resume(ckpt_dir: Path, identity: dict, clip: ClipModel, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> int:
+    "Restore the checkpoint in `ckpt_dir` (weights, optimizer, scaler, RNG states) and return its step; another config's run is an error."
+    tensors, state = load_checkpoint(ckpt_dir)
+    if state['identity'] != identity:
+        diff = sorted(k for k in set(identity) | set(state['identity']) if identity.get(k) != state['identity'].get(k))
+        raise TGAZSRError(f"{ckpt_dir} holds a run with a different config ({', '.join(diff)}); "
+                          f"use another out folder or resume=False")
+    restore_checkpoint(tensors, state, clip, optimizer, scaler)
+    set_rng_state(state['rng'])
+    return state['step']
+
+# %% ../nbs/09_training.ipynb #e58247f5
 def train(cfg: TrainConfig, train_set: Any = None, callbacks: Sequence[Callable[[dict], None]] = ()) -> Path:
     """Fine-tune `cfg.method` and return `<out>/model.safetensors` (or the checkpoint path when `stop_after` stopped it).
     `train_set` (an object with `.dataset` and `.classnames`) overrides `datasets.get_train_set(cfg.dataset, ...)`."""
@@ -323,15 +366,7 @@ def _train(cfg, method, env, device, train_set, callbacks):
 
     step, ckpt_dir = 0, out/'checkpoints'
     if cfg.resume and (ckpt_dir/'last.safetensors').exists():
-        tensors, state = load_checkpoint(ckpt_dir)
-        if state['identity'] != identity:
-            diff = sorted(k for k in set(identity) | set(state['identity']) if identity.get(k) != state['identity'].get(k))
-            raise TGAZSRError(f"{ckpt_dir} holds a run with a different config ({', '.join(diff)}); "
-                              f"use another out folder or resume=False")
-        restore_checkpoint(tensors, state, clip, optimizer, scaler)
-        set_rng_state(state['rng'])
-        step = state['step']
-        del tensors
+        step = _resume(ckpt_dir, identity, clip, optimizer, scaler)
 
     def checkpoint(epoch, finished=False):
         if env.is_main:
@@ -361,37 +396,22 @@ def _train(cfg, method, env, device, train_set, callbacks):
                 for g in optimizer.param_groups: g['lr'] = lr
                 delta = None
                 if method.adversarial and attack.steps > 0 and attack.eps > 0:
-                    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, *attack_start_key(step, cfg.attack_start)))
-                    delta = random_delta((len(b), *images.shape[1:]), attack.eps, attack.norm, gen, device)[lo:hi]
+                    delta = _attack_start(cfg, attack, step, len(b), images.shape[1:], lo, hi, device)
                 ctx = StepContext(clip, weights, original=original, not_weights=not_weights, attack=attack,
                                   delta_init=delta, encode=encoder, alpha=cfg.alpha, beta=cfg.beta,
                                   distance=cfg.distance, token_norm=cfg.token_norm, attention_size=cfg.attention_size,
                                   ft_loss=cfg.ft_loss, gradcam_target=cfg.gradcam_target, sum_weight=len(b) / (hi - lo))
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device, precision): loss, parts = method.step(ctx, images, labels)   # the attack inherits it
-                # logged values: sample-weighted means over the global batch
-                keys = sorted(parts)
-                stats = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).float().to(device) for k in keys])
-                stats = stats * (hi - lo)
-                if env.world_size > 1: dist.all_reduce(stats)
-                stats = (stats / len(b)).tolist()
+                keys, stats = _global_means(loss, parts, device, env, lo, hi, len(b))      # logged values
                 if not math.isfinite(stats[0]):
                     good = ckpt_dir/'last.safetensors'
                     raise TGAZSRError(f"loss is {stats[0]} at step {step} (method {method.name}, lr {lr:.3g}); training "
                                       f"stopped. Last good checkpoint: {good if good.exists() else 'none yet'}")
-                if scaler is None:
-                    (loss * ((hi - lo) * env.world_size / len(b))).backward()
-                    optimizer.step()
-                else:                                     # fp16: the official GradScaler update
-                    scaler.scale(loss * ((hi - lo) * env.world_size / len(b))).backward()
-                    scaler.step(optimizer); scaler.update()
+                _update(loss, (hi - lo) * env.world_size / len(b), optimizer, scaler)
                 step += 1; steps_here += 1
                 last = {'loss': stats[0], **dict(zip(keys, stats[1:])), 'lr': lr}
-                if live is not None and (step - 1) % cfg.log_every == 0:
-                    live.step = step - 1
-                    for k, v in last.items(): live.log_metric(f'train/{k}', v)
-                    live.log_metric('train/epoch', epoch)
-                    live.sync()
+                if live is not None and (step - 1) % cfg.log_every == 0: _log_step(live, step - 1, last, epoch)
                 bar.update(1); bar.set_postfix(loss=f"{stats[0]:.4f}", refresh=False)
                 end_of_epoch = step % batches_per_epoch == 0 or step == total_steps
                 stop = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < total_steps
