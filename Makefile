@@ -10,7 +10,7 @@ PROFILE ?=
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-wheel test-paper export-check notebooks lab repro repro-paper bench bench-gpu
+.PHONY: venv test test-wheel test-faults test-paper export-check notebooks lab repro repro-paper bench bench-gpu
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test: venv export-check
 ## The built wheel in an empty virtualenv, used outside the repository (~3 min, ~6 GB of runtime requirements).
 test-wheel: venv
 	$(BIN)/python -m pytest -q -m slow tests/test_wheel.py
+
+## Fault injection on the smoke pipeline (~10 min): inputs changed under a running `dvc repro`, Ctrl-C of a stage,
+## each run-state file corrupted, a tampered world (the fast fault tests also run in `make test`).
+test-faults: venv
+	$(BIN)/python -m pytest -q -m slow tests/test_faults.py
 
 export-check: venv
 	@before="$$(git status --porcelain; git diff | sha1sum)"; \

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #16339612
 from __future__ import annotations
-import argparse, collections.abc, dataclasses, inspect, re, sys, typing
+import argparse, collections.abc, dataclasses, errno, inspect, re, sys, typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +14,7 @@ from .config import require, read_yaml_mapping
 
 # %% auto #0
 __all__ = ['UsageError', 'comments_in_source', 'add_typed_option', 'add_dataclass_options', 'add_signature_options',
-           'build_parser', 'main']
+           'build_parser', 'main', 'os_error_message']
 
 # %% ../nbs/12_cli.ipynb #38a8f1ec
 class UsageError(TGAZSRError):
@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description='Generate the deterministic miniature world under --root: a profile of '
                                     'miniworld.WORLD_PROFILES, with any WorldConfig field overridden by its option.')
     from tga_zsr import miniworld
-    profiles = list(miniworld.WORLD_PROFILES)
+    profiles, old_names = list(miniworld.WORLD_PROFILES), list(miniworld.WORLD_PROFILES.aliases)
     mw.add_argument('--root', required=True, help='folder to write the world into (must be empty or absent)')
-    mw.add_argument('--profile', default=profiles[0] if profiles else None, choices=profiles or None,
-                    help=f"world size profile (choices: {', '.join(profiles) or 'none'}; default: {profiles[0] if profiles else 'none'})")
+    mw.add_argument('--profile', default=profiles[0], choices=profiles + old_names, metavar='PROFILE',
+                    help=f"world size profile, the data.world of the pipeline's profile of that name (choices: "
+                         f"{', '.join(profiles)}; old names {', '.join(old_names)} also work; default: {profiles[0]})")
     mw.add_argument('--overwrite', action='store_true', help='replace an existing world')
     mw.add_argument('--no-progress', action='store_true', help='hide progress bars')
     world_help = {'seed': 'world seed', 'image_size': 'image side in pixels', 'n_pretrain': 'captioned pretraining images',
@@ -205,9 +206,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TGAZSRError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print('error: interrupted', file=sys.stderr)
+    except KeyboardInterrupt as e:   # `train` says which checkpoint is kept; the other commands what was (not) written
+        said = ' '.join(str(e).split()) or f"interrupted; {_interrupted_note(locals().get('args'))}"
+        print(f"error: {said}", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; lower the sizes (batch size, image counts, --max-images)", file=sys.stderr)
+        return 2
+    except Exception as e:           # no space, permission denied, a file where a folder belongs, ... (also inside safetensors)
+        from tga_zsr.training import as_os_error
+        if as_os_error(e) is None: raise   # a bug: keep its traceback
+        print(f"error: {os_error_message(as_os_error(e))}", file=sys.stderr)
+        return 2
+
+def os_error_message(e: OSError) -> str:
+    "One sentence for an operating-system error: what failed and on which path."
+    what = e.strerror or type(e).__name__
+    paths = ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = '; free some space and run the same command again' if e.errno == errno.ENOSPC else ''
+    return f"{what}{': ' + paths if paths else ''}{hint}"
+
+def _interrupted_note(args) -> str:
+    "What an interrupted command leaves behind (every command writes its outputs atomically at the end)."
+    command = getattr(args, 'command', None)
+    if command == 'prepare-data': return 'datasets already marked as prepared are kept; run the same command to continue'
+    out = getattr(args, 'out', None) or getattr(args, 'root', None)
+    return f"nothing was written{' to ' + str(out) if out else ''}" if command else 'nothing was written'
 
 # %% ../nbs/12_cli.ipynb #2f5f7f2b
 def _require_dir(path: str, what: str) -> Path:
@@ -311,6 +335,7 @@ def _cmd_make_world(args) -> int:
     given = {k: getattr(args, k) for k in args.world_fields if hasattr(args, k)}
     if 'suite' in given: given['suite'] = tuple(given['suite'])
     cfg = dataclasses.replace(miniworld.WORLD_PROFILES[args.profile], **given).validate()
+    miniworld.check_world_root(args.root, args.overwrite, flag='--overwrite')
     summary = miniworld.generate_world(args.root, cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote the {args.profile!r} world ({len(cfg.suite)} zero-shot datasets) to {summary.get('root', args.root)}")
     return 0

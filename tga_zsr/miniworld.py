@@ -15,10 +15,11 @@ from .core import Registry, TGAZSRError
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TEXTURES', 'SIZES', 'POSITIONS', 'COUNT_WORDS', 'LETTERS', 'PREFIXES', 'SUITE',
-           'FINETUNE', 'WORLD_PROFILES', 'NPY_FORMAT', 'letter_bitmap', 'digit_bitmaps', 'shape_coverage',
-           'glyph_coverage', 'texture_pattern', 'Scene', 'sample_scene', 'render_scene', 'CaptionStyle',
-           'caption_scene', 'Task', 'WorldConfig', 'render_task', 'render_corpus', 'generate_world', 'save_npy_folder',
-           'load_npy_folder', 'read_npy_meta', 'is_npy_folder']
+           'FINETUNE', 'MAX_WORLD_BYTES', 'CAPTION_BYTES', 'WORLD_PROFILES', 'NPY_FORMAT', 'letter_bitmap',
+           'digit_bitmaps', 'shape_coverage', 'glyph_coverage', 'texture_pattern', 'Scene', 'sample_scene',
+           'render_scene', 'CaptionStyle', 'caption_scene', 'Task', 'format_bytes', 'WorldConfig', 'WorldProfiles',
+           'render_task', 'render_corpus', 'check_world_root', 'generate_world', 'save_npy_folder', 'load_npy_folder',
+           'read_npy_meta', 'is_npy_folder']
 
 # %% ../nbs/05_miniworld.ipynb #5cba9833
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'ring', 'star', 'crescent')
@@ -309,6 +310,15 @@ FINETUNE = Task('finetune', 'color and shape', tuple(f'{c} {s}' for c in COLORS 
 # %% ../nbs/05_miniworld.ipynb #ad15d833
 from .config import require, checked
 
+MAX_WORLD_BYTES = 64 * 2**30   # a sane ceiling: the default world takes ~0.1 GB
+CAPTION_BYTES = 128             # a caption's share of captions.json (they are ~60-100 characters)
+
+def format_bytes(n: float) -> str:
+    "`1536` -> '1.5 KiB': a byte count for messages."
+    for unit in ('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'):
+        if n < 1024 or unit == 'PiB': return f"{n:.0f} {unit}" if unit == 'bytes' else f"{n:.1f} {unit}"
+        n /= 1024
+
 @dataclass
 class WorldConfig:
     "Everything that determines the miniature world's bytes."
@@ -335,6 +345,22 @@ class WorldConfig:
         req(len(set(self.suite)) == len(self.suite), 'suite', f"repeats a name: {list(self.suite)}")
         for k, p in dataclasses.asdict(self.caption_style).items():
             req(0 <= p <= 1, f'caption_style.{k}', f"must be a probability in [0, 1], got {p}")
+        sizes = self.nbytes_by_field()   # impossible sizes fail here, before anything is allocated
+        biggest = max(sizes, key=sizes.get)
+        req(sum(sizes.values()) <= MAX_WORLD_BYTES, biggest,
+            f"is too large: the world would take {format_bytes(sum(sizes.values()))}, more than the "
+            f"{format_bytes(MAX_WORLD_BYTES)} limit (miniworld.MAX_WORLD_BYTES); lower the image counts")
+
+    def nbytes_by_field(self) -> dict[str, int]:
+        "Approximate bytes on disk (and in memory while a dataset is rendered) per image-count field."
+        per_image = self.image_size ** 2 * 4 + 8          # image (3 bytes/px) + mask (1 byte/px) + label or caption share
+        return {'n_pretrain': self.n_pretrain * (per_image + CAPTION_BYTES), 'n_finetune_train': self.n_finetune_train * per_image,
+                'n_finetune_val': self.n_finetune_val * per_image,
+                'n_per_suite_dataset': self.n_per_suite_dataset * len(self.suite) * per_image}
+
+    def nbytes(self) -> int:
+        "Approximate bytes of the whole world (what `generate_world` checks against the free disk space)."
+        return sum(self.nbytes_by_field().values())
 
     def validate(self) -> 'WorldConfig':
         "Re-run the checks (after a field was changed in place); returns `self`."
@@ -345,10 +371,20 @@ class WorldConfig:
         d = dataclasses.asdict(self); d['suite'] = list(self.suite)
         return d
 
-WORLD_PROFILES = {
-    'mini': WorldConfig(),
-    'tiny': WorldConfig(image_size=16, n_pretrain=2000, n_finetune_train=512, n_finetune_val=128, n_per_suite_dataset=64),
-}
+class WorldProfiles(dict):
+    "Named `WorldConfig`s; an old name in `aliases` still finds its profile (but is not listed)."
+    def __init__(self, profiles: dict, aliases: dict): super().__init__(profiles); self.aliases = aliases
+    def __missing__(self, name):
+        if name in self.aliases: return self[self.aliases[name]]
+        raise KeyError(name)
+    def __contains__(self, name): return dict.__contains__(self, name) or name in self.aliases
+
+# the worlds of the pipeline's profiles (profiles/<name>.yaml, data.world); 'mini' and 'tiny' are the old names
+WORLD_PROFILES = WorldProfiles({
+    'miniature': WorldConfig(),
+    'smoke': WorldConfig(image_size=16, n_pretrain=256, n_finetune_train=64, n_finetune_val=16, n_per_suite_dataset=16,
+                         suite=('shapes', 'colors', 'positions', 'counts')),
+}, aliases={'mini': 'miniature', 'tiny': 'smoke'})
 
 # %% ../nbs/05_miniworld.ipynb #d320ac03
 def _stream(seed: int, name: str) -> np.random.Generator:
@@ -372,15 +408,28 @@ def render_corpus(n: int, size: int, rng: np.random.Generator, style: CaptionSty
     return images, masks, captions
 
 # %% ../nbs/05_miniworld.ipynb #e7294fa7
+def check_world_root(root: str | os.PathLike, overwrite: bool = False, flag: str = 'overwrite=True') -> Path:
+    "`root` as a Path, unless it is a file or a non-empty folder that may not be replaced (the message names `flag`)."
+    root = Path(root)
+    if root.exists() and not root.is_dir(): raise TGAZSRError(f"world folder {root} exists and is not a folder")
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise TGAZSRError(f"world folder {root} already exists and is not empty (pass {flag} to replace it)")
+    return root
+
 def generate_world(root: str | os.PathLike, cfg: WorldConfig = WorldConfig(), overwrite: bool = False,
                    progress: bool = False) -> dict:
     "Write the corpus, the fine-tuning set and the suite under `root` (atomically); return a summary dict."
     cfg.validate()
-    root = Path(root)
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise TGAZSRError(f"world folder {root} already exists and is not empty (pass overwrite=True to replace it)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', suffix='.tmp', dir=root.parent))
+    root = check_world_root(root, overwrite)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root.parent).free
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', suffix='.tmp', dir=root.parent))
+    except OSError as e: raise TGAZSRError(f"cannot create the world folder {root}: {e.strerror or e}") from None
+    if cfg.nbytes() > free:
+        shutil.rmtree(tmp)
+        raise TGAZSRError(f"the world needs about {format_bytes(cfg.nbytes())} but only {format_bytes(free)} is free "
+                          f"under {root.parent}; free some space or lower the image counts")
     t0, size = time.time(), cfg.image_size
     train_pool, held_pool = np.flatnonzero(~digit_bitmaps()[2]), np.flatnonzero(digit_bitmaps()[2])
     summary = {'config': cfg.as_dict(), 'format': NPY_FORMAT, 'suite': {}}
@@ -409,8 +458,11 @@ def generate_world(root: str | os.PathLike, cfg: WorldConfig = WorldConfig(), ov
             old = root.with_name(f'.{root.name}.old-{os.getpid()}')
             os.replace(root, old); os.replace(tmp, root); shutil.rmtree(old)
         else: os.replace(tmp, root)
+    except OSError as e:   # disk full, permission denied, ...: the temporary folder goes, nothing is kept
+        raise TGAZSRError(f"could not write the world to {root}: {e.strerror or e}; nothing was written") from None
+    except MemoryError: raise TGAZSRError(f"out of memory rendering the world for {root}; lower the image counts") from None
     finally:
-        if tmp.exists(): shutil.rmtree(tmp)
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return dict(summary, root=str(root), seconds=round(time.time() - t0, 2))
 
 def _progress(jobs, show):

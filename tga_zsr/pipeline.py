@@ -4,14 +4,16 @@
 
 # %% ../nbs/13_pipeline.ipynb #6e464b9a
 from __future__ import annotations
-import argparse, json, logging, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, logging, os, shutil, signal, subprocess, sys, tempfile, time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 # %% auto #0
-__all__ = ['DATA_DIR', 'PARAMS_FILE', 'PROFILES_DIR', 'NOTEBOOKS_DIR', 'STAGES', 'PER_METHOD_STAGES', 'stage_paths',
-           'notebook_paths', 'world_on_disk', 'sha256_file', 'dvc', 'bootstrap_data', 'verify_world', 'relative_to',
-           'setup', 'run_stage', 'StageFailed', 'main']
+__all__ = ['DATA_DIR', 'PARAMS_FILE', 'PROFILES_DIR', 'NOTEBOOKS_DIR', 'STAGES', 'PER_METHOD_STAGES', 'LOCK_FILE', 'DATA_STAGES',
+           'stage_paths', 'notebook_paths', 'world_on_disk', 'sha256_file', 'dvc', 'bootstrap_data', 'track_data',
+           'restore_tracked_world', 'verify_world', 'relative_to', 'repo_lock', 'setup', 'run_stage', 'stage_name',
+           'params_fingerprint', 'StageFailed', 'interrupted_message', 'main']
 
 # %% ../nbs/13_pipeline.ipynb #f5e3a8f4
 DATA_DIR = 'data'
@@ -78,21 +80,32 @@ def _world_code_sha() -> str:
 
 def _stamp_path(root: Path) -> Path: return root / '.dvc' / 'tmp' / 'tga_zsr_world.json'
 
+def _read_stamp(root: Path) -> dict:
+    "What `bootstrap_data` last verified here: the world's config, the generator's hash and (once tracked) data.dvc's text."
+    try: s = json.loads(_stamp_path(root).read_text())
+    except (OSError, ValueError): return {}          # none, or unreadable: as if never checked here
+    return s if isinstance(s, dict) else {}
+
+def _write_stamp(root: Path, stamp: dict) -> None:
+    from tga_zsr.core import atomic_path
+    with atomic_path(_stamp_path(root)) as tmp: tmp.write_text(json.dumps(stamp, sort_keys=True) + '\n')
+
 def bootstrap_data(params, root: str | os.PathLike = '.', track: bool = True, regenerate: bool = False,
                    log=print) -> dict:
     """Make `data/` match the parameters and the generator: (re)generate the miniature world when needed, or check that
-    the paper's data is prepared. `regenerate=True` re-checks the world byte for byte even when nothing seems changed."""
+    the paper's data is prepared. `regenerate=True` re-checks the world byte for byte even when nothing seems changed.
+    `track=True` then tracks a new world with DVC (`track_data`)."""
     root = Path(root); data = root / DATA_DIR
     if params.data.source == 'paper': return _check_paper_data(params, data)
     from tga_zsr.miniworld import generate_world
     cfg = params.data.world
     want = _jsonable(cfg.as_dict())
     have = world_on_disk(data)
-    stamp = json.loads(_stamp_path(root).read_text()) if _stamp_path(root).is_file() else None
+    stamp = _read_stamp(root)
     code = _world_code_sha()
     if have is None and data.exists() and any(data.iterdir()):
         raise _err(f"{data} exists but is not a miniature world (no world.json); move it away, or set data.source: paper")
-    if have == want and stamp == {'config': want, 'code': code} and not regenerate:
+    if have == want and (stamp.get('config'), stamp.get('code')) == (want, code) and not regenerate:
         log(f"data: {data} holds the miniature world of data.world (nothing to do)")
         return {'generated': False, 'tracked': False}
     # Unsure (config changed, generator changed, or never checked on this machine): generate beside data/, compare.
@@ -112,21 +125,36 @@ def bootstrap_data(params, root: str | os.PathLike = '.', track: bool = True, re
             if data.exists(): shutil.rmtree(data)
             os.replace(fresh, data); generated = True
             log(f"data: written in {time.time() - t0:.1f}s")
-    _stamp_path(root).parent.mkdir(parents=True, exist_ok=True)
-    _stamp_path(root).write_text(json.dumps({'config': want, 'code': code}, sort_keys=True) + '\n')
-    tracked = False
-    if track and (generated or not (root / 'data.dvc').is_file()):
-        before = (root / 'data.dvc').read_text() if (root / 'data.dvc').is_file() else None
-        dvc('add', DATA_DIR, root=root)
-        tracked = True
-        after = (root / 'data.dvc').read_text()
-        if before is not None and before == after: log("data: the regenerated world matches data.dvc exactly")
-        else: log("data: data.dvc now tracks this world; commit data.dvc (git add data.dvc)")
-    return {'generated': generated, 'tracked': tracked}
+    same_world = (stamp.get('config'), stamp.get('code')) == (want, code) and not generated
+    _write_stamp(root, {'config': want, 'code': code, **({'data_dvc': stamp['data_dvc']} if same_world and 'data_dvc' in stamp else {})})
+    return {'generated': generated, 'tracked': track_data(root, generated, log) if track else False}
+
+def track_data(root: str | os.PathLike = '.', generated: bool = True, log=print) -> bool:
+    """`dvc add data` when the world was just (re)generated or is not tracked yet, and record the resulting `data.dvc`
+    in the stamp as the verified world's (what `restore_tracked_world` puts back); returns whether it ran."""
+    root = Path(root)
+    if not (generated or not (root / 'data.dvc').is_file()): return False
+    before = (root / 'data.dvc').read_text() if (root / 'data.dvc').is_file() else None
+    dvc('add', DATA_DIR, root=root)
+    after = (root / 'data.dvc').read_text()
+    _write_stamp(root, {**_read_stamp(root), 'data_dvc': after})
+    if before is not None and before == after: log("data: the regenerated world matches data.dvc exactly")
+    else: log("data: data.dvc now tracks this world; commit data.dvc (git add data.dvc)")
+    return True
+
+def restore_tracked_world(root: str | os.PathLike = '.') -> bool:
+    """Put back the `data.dvc` that `setup` wrote for the world it verified, when `data.dvc` now says otherwise (`dvc repro`
+    re-records a changed `data/` before any stage can check it); returns whether it did."""
+    root = Path(root); tracked = _read_stamp(root).get('data_dvc'); f = root / 'data.dvc'
+    if not tracked or not f.is_file() or f.read_text() == tracked: return False
+    from tga_zsr.core import atomic_path
+    with atomic_path(f) as tmp: tmp.write_text(tracked)
+    return True
 
 def verify_world(params, root: str | os.PathLike = '.') -> dict[str, str]:
     """Regenerate the miniature world of `params` in a temporary folder and compare it byte for byte with `data/`;
-    raise `TGAZSRError` naming the first differing file. Returns {file: sha256} of the world."""
+    raise `TGAZSRError` naming the first differing file (first restoring `data.dvc` to the verified world's record:
+    `restore_tracked_world`). Returns {file: sha256} of the world."""
     from tga_zsr.miniworld import generate_world
     data = Path(root) / DATA_DIR
     with tempfile.TemporaryDirectory(prefix='tga_zsr_world_') as d:
@@ -134,8 +162,10 @@ def verify_world(params, root: str | os.PathLike = '.') -> dict[str, str]:
         fresh = _tree_sha(Path(d) / 'world')
     diff = _first_difference(fresh, _tree_sha(data))
     if diff is not None:
+        restored = ("data.dvc, which `dvc repro` had re-recorded for the changed files, is restored to the verified world's; "
+                    if restore_tracked_world(root) else '')
         raise _err(f"{data} is not the world that tga_zsr.miniworld generates for data.world (first difference: {diff}); "
-                   f"regenerate it with `python -m tga_zsr.pipeline setup --regenerate`")
+                   f"{restored}regenerate it with `python -m tga_zsr.pipeline setup --regenerate`")
     return fresh
 
 def _tree_sha(folder: Path) -> dict[str, str]:
@@ -164,13 +194,63 @@ def relative_to(p: str | os.PathLike, root: str | os.PathLike) -> str:
     except ValueError: return str(p)
 
 # %% ../nbs/13_pipeline.ipynb #3a41a362
+LOCK_FILE = '.dvc/tmp/lock'   # DVC's repository lock: every dvc command that reads or writes the workspace holds it
+
+def _lock_holder(root: Path) -> str:
+    "Who holds DVC's lock, from the pid DVC writes into it: 'pid N: dvc repro ...' (or 'pid N', or 'unknown process')."
+    try: pid = int((root / LOCK_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError): return 'unknown process'
+    try: args = Path(f'/proc/{pid}/cmdline').read_bytes().decode(errors='replace').split('\0')
+    except OSError: return f'pid {pid}'
+    args = [a for a in args if a]
+    if len(args) > 1 and Path(args[0]).name.startswith('python'): args = args[1:]
+    return f"pid {pid}: {' '.join([Path(args[0]).name, *args[1:]])}" if args else f'pid {pid}'
+
+def _running_stages(root: Path) -> list[str]:
+    """'pid N: cmd' of each live process in DVC's stage lock (`.dvc/tmp/rwlock`): `dvc repro` releases the repository
+    lock while a stage's command runs, and lists the stage's files there instead."""
+    import psutil
+    from dvc.lock import make_lock
+    tmp = (root / LOCK_FILE).parent
+    with make_lock(str(tmp / 'rwlock.lock'), tmp_dir=str(tmp), wait=False):
+        try: lock = json.loads((tmp / 'rwlock').read_text())
+        except (OSError, ValueError): return []
+    infos = [*lock.get('write', {}).values(), *[i for v in lock.get('read', {}).values() for i in v]]
+    return list(dict.fromkeys(f"pid {i['pid']}: {i['cmd']}" for i in infos
+                              if isinstance(i, dict) and psutil.pid_exists(i.get('pid', -1))))
+
+@contextmanager
+def repo_lock(root: str | os.PathLike = '.', what: str = 'setup'):
+    """Hold DVC's repository lock while changing `params.yaml` or `data/`, so nothing changes under a running `dvc repro`
+    (and no dvc command starts meanwhile); when a dvc command holds it, or a stage of `dvc repro` runs (`_running_stages`),
+    refuse with one line. Outside a DVC repository
+    (no `.dvc/`) there is nothing to guard."""
+    root = Path(root)
+    if not (root / '.dvc').is_dir(): yield; return
+    from dvc.lock import make_lock, LockError
+    (root / LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
+    lock = make_lock(str(root / LOCK_FILE), tmp_dir=str((root / LOCK_FILE).parent), wait=False)
+    try: lock.lock()          # a few tries over DVC's 3 s, never waits longer
+    except LockError: busy = _lock_holder(root)
+    else:
+        try: busy = next(iter(_running_stages(root)), None)
+        except LockError: busy = 'a stage is starting or ending'   # DVC is editing its stage lock right now
+        if busy is not None: lock.unlock()
+    if busy is not None:
+        raise _err(f"a dvc command is running in this repository ({busy}); wait for it or stop it, then run {what} again")
+    try: yield
+    finally: lock.unlock()
+
 def setup(profile: str | None = None, root: str | os.PathLike = '.', regenerate: bool = False, log=print) -> dict:
-    "`use_profile(profile)` (when given), validate `params.yaml`, and bootstrap the data. Returns the parameters."
+    """`use_profile(profile)` (when given), validate `params.yaml`, and bootstrap the data, holding DVC's repository lock
+    (`repo_lock`) while it changes them; `dvc add data` (which takes the lock itself) runs after. Returns the parameters."""
     from tga_zsr.params import use_profile, load_params
     root = Path(root)
-    if profile: use_profile(profile, root); log(f"params.yaml <- {PROFILES_DIR}/{profile}.yaml")
-    P = load_params(root / PARAMS_FILE)
-    bootstrap_data(P, root, regenerate=regenerate, log=log)
+    with repo_lock(root, 'setup'):
+        if profile: use_profile(profile, root); log(f"params.yaml <- {PROFILES_DIR}/{profile}.yaml")
+        P = load_params(root / PARAMS_FILE)
+        world = bootstrap_data(P, root, track=False, regenerate=regenerate, log=log)
+    if P.data.source == 'miniworld': track_data(root, world['generated'], log)
     return P
 
 # %% ../nbs/13_pipeline.ipynb #4d3d6900
@@ -184,6 +264,8 @@ def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '
     root = Path(root).resolve()
     nb_in, nb_out = notebook_paths(stage, method)
     if not (root / nb_in).is_file(): raise _err(f"stage notebook not found: {root / nb_in}")
+    if stage in DATA_STAGES and not (root / DATA_DIR).is_dir(): raise _err(_no_data_message(root, params_path))
+    before = params_fingerprint(root, params_path)
     (root / nb_out).parent.mkdir(parents=True, exist_ok=True)
     parameters = {'params_path': params_path, **({'method': method} if method else {})}
     os.environ.setdefault('JUPYTER_PREFER_ENV_PATH', '1')   # the venv's kernel before any user-level one
@@ -192,7 +274,32 @@ def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '
                             cwd=str(root), log_output=log_output, progress_bar=False)
     except pm.PapermillExecutionError as e:
         raise StageFailed(stage, method, e.ename, e.evalue, root / nb_out) from None
+    changed = [f for f, h in params_fingerprint(root, params_path).items() if h != before[f]]
+    if changed:
+        raise _err(f"{changed[0]} changed while stage {stage_name(stage, method)} ran, so its outputs may come from the old "
+                   f"values; the stage fails so that DVC records nothing: run `dvc repro` again")
     return root / nb_out
+
+DATA_STAGES = ('data', 'pretrain', 'finetune', 'evaluate')   # the stages that read data/
+
+def stage_name(stage: str, method: str | None = None) -> str:
+    "How messages and DVC name a stage: `finetune@tga_zsr`, `report`."
+    return f"{stage}@{method}" if method else stage
+
+def params_fingerprint(root: str | os.PathLike, params_path: str = PARAMS_FILE) -> dict[str, str | None]:
+    "SHA-256 of `params.yaml` and the stage's own parameters file (None when missing): compared before and after a stage."
+    return {f: sha256_file(Path(root) / f) if (Path(root) / f).is_file() else None for f in dict.fromkeys([PARAMS_FILE, params_path])}
+
+def _no_data_message(root: Path, params_path: str) -> str:
+    "What to run when `data/` is missing: the miniature world is generated by `setup`, the paper's datasets are prepared."
+    from tga_zsr.config import read_yaml_mapping
+    try: source = (read_yaml_mapping(root / params_path).get('data') or {}).get('source', 'miniworld')
+    except Exception: source = 'miniworld'
+    data = root / DATA_DIR
+    if source == 'paper':
+        return (f"{data} does not exist: prepare the paper's datasets with `tga-zsr prepare-data --root {data}`, then "
+                f"`dvc add {DATA_DIR}` (or `dvc pull` from your remote)")
+    return f"{data} does not exist: generate the miniature world with `python -m tga_zsr.pipeline setup` (or `make repro`)"
 
 class StageFailed(Exception):
     "A stage notebook raised: carries the exception's name and message and the executed notebook's path."
@@ -200,13 +307,30 @@ class StageFailed(Exception):
         self.stage, self.method, self.ename, self.evalue, self.notebook = stage, method, ename, evalue, Path(notebook)
         super().__init__(self.message())
     def message(self) -> str:
-        name = f"{self.stage}@{self.method}" if self.method else self.stage
+        name = stage_name(self.stage, self.method)
         what = self.evalue if self.ename == 'TGAZSRError' else f"{self.ename}: {self.evalue}"
         return f"stage {name} failed: {what} (executed notebook kept at {self.notebook})"
 
 # %% ../nbs/13_pipeline.ipynb #6d005d0a
 _QUIET_LOG_PREFIXES = ('Executing Cell', 'Ending Cell', 'Executing notebook with kernel', 'Input Notebook', 'Output Notebook',
                        'Working directory')
+
+def interrupted_message(stage: str, method: str | None = None, root: str | os.PathLike = '.') -> str:
+    "The one line a Ctrl-C of a stage ends with: what was kept, and what `dvc repro` does next."
+    name = stage_name(stage, method)
+    if stage == 'finetune':
+        from tga_zsr.stage_finetune import checkpoint_step
+        step = checkpoint_step(Path(root) / stage_paths(method)['model_dir'])
+        if step is not None:
+            return f"interrupted: stage {name} stopped; its last checkpoint (step {step}) is kept and `dvc repro` resumes from it"
+        return f"interrupted: stage {name} stopped before its first checkpoint; `dvc repro` starts it again"
+    return f"interrupted: stage {name} stopped; DVC recorded nothing for it and `dvc repro` runs it again"
+
+def _interrupted(args) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not interrupt the one line
+    if args.cmd == 'stage': print(interrupted_message(args.stage, args.method), file=sys.stderr)
+    else: print(f"interrupted: {args.cmd} stopped", file=sys.stderr)
+    return 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of `python -m tga_zsr.pipeline`."
@@ -236,7 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = run_stage(args.stage, args.method, params_path=args.params, log_output=not args.quiet)
             print(f"stage {args.stage}{'@' + args.method if args.method else ''}: done in {time.time() - t0:.1f}s ({out})",
                   file=sys.stderr)
+    except KeyboardInterrupt:
+        return _interrupted(args)
     except StageFailed as e:
+        if e.ename == 'KeyboardInterrupt': return _interrupted(args)   # the kernel got the Ctrl-C first
         print(f"error: {e.message()}", file=sys.stderr); return 2
     except Exception as e:
         from tga_zsr.core import TGAZSRError

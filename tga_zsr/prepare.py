@@ -59,10 +59,12 @@ def _marker(root: Path, name: str) -> Path: return root / '.prepared' / f'{name}
 def prepare_data(root, datasets: Sequence[str] | None = None, download: bool = True, force: bool = False,
                  expected_counts: dict | None = None, log: Callable = print) -> dict[str, dict]:
     "Download, reorganise and verify the paper's datasets under `root`; returns {name: {'status', 'counts', 'message'}}."
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
     names = [paper_dataset_name(n) or n for n in (datasets or DATASETS.names())]
     bad = [n for n in names if n not in DATASETS]
     if bad: raise TGAZSRError(f"unknown dataset {bad[0]!r} for prepare-data; choose from: {', '.join(DATASETS.names())}")
+    root = Path(root)   # names first: nothing is created for a typo
+    try: root.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise TGAZSRError(f"cannot create the datasets folder {root}: {e.strerror or e}") from None
     expected_counts = {**EXPECTED_COUNTS, **(expected_counts or {})}
     report = {}
     for name in dict.fromkeys(names):

@@ -7,27 +7,75 @@ from __future__ import annotations
 import dataclasses, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
-from .core import TGAZSRError, load_json
+from .core import TGAZSRError, load_json, atomic_path
 from .pipeline import stage_paths, sha256_file, relative_to
 from .params import StudyParams, configure, device_precision
 
 # %% auto #0
-__all__ = ['prepare_run_dir', 'collect_curves', 'stage_finetune']
+__all__ = ['RUN_INPUTS', 'run_state_problem', 'checkpoint_step', 'prepare_run_dir', 'collect_curves', 'stage_finetune']
 
 # %% ../nbs/13e_stage_finetune.ipynb #66e7cc6e
 def _jsonable(d): return json.loads(json.dumps(d))
 
-def prepare_run_dir(cfg, pretrained: Path) -> bool:
-    "Keep `cfg.out` only if it holds an unfinished run of this config and pretrained model; returns whether it resumes."
+RUN_INPUTS = 'run_inputs.json'   # the stage's stamp: the run's identity and the pretrained weights' hash
+
+def _read_json_dict(path: Path) -> dict:
+    v = json.loads(path.read_text())
+    if not isinstance(v, dict): raise ValueError(f"holds a {type(v).__name__}, not a JSON object")
+    return v
+
+def _check_tsv(path: Path) -> None:
+    "A dvclive TSV as `training` writes and truncates it: a header with `step`, then rows of numbers, as many as columns."
+    lines = path.read_text().splitlines()
+    head = lines[0].split('\t') if lines else []
+    if 'step' not in head: raise ValueError("no header with a step column")
+    for n, l in enumerate(lines[1:], 2):
+        fields = l.split('\t')
+        if len(fields) != len(head): raise ValueError(f"line {n} has {len(fields)} fields, the header {len(head)}")
+        int(fields[head.index('step')]); [float(f) for f in fields]
+
+def run_state_problem(out: str | os.PathLike) -> str | None:
+    """The first run-state file in the run folder `out` that cannot be read back as it was written (`run_inputs.json`,
+    `checkpoints/last.json`, `checkpoints/last.safetensors`, dvclive's `metrics.json`, `params.yaml` and curves), and
+    why; None when every one that exists reads."""
+    import yaml
+    from tga_zsr.core import safetensors_metadata
+    from tga_zsr.training import CHECKPOINT_FORMAT
+    out = Path(out); ckpt, live = out / 'checkpoints', out / 'dvclive'
+    checks = [(out / RUN_INPUTS, _read_json_dict), (ckpt / 'last.json', _read_json_dict)]
+    def checkpoint(path):
+        meta = safetensors_metadata(path)
+        if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"not a tga_zsr training checkpoint (format {meta.get('format')!r})")
+        step, state = json.loads(meta['state']).get('step'), ckpt / 'last.json'
+        if state.is_file() and _read_json_dict(state).get('step') != step: raise ValueError(f"holds step {step}, last.json another")
+    checks += [(ckpt / 'last.safetensors', checkpoint), (live / 'metrics.json', _read_json_dict),
+               (live / 'params.yaml', lambda p: yaml.safe_load(p.read_text()))]
+    checks += [(f, _check_tsv) for f in sorted((live / 'plots' / 'metrics').rglob('*.tsv'))]
+    for path, check in checks:
+        if not path.is_file(): continue
+        try: check(path)
+        except Exception as e: return f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+def checkpoint_step(out: str | os.PathLike) -> int | None:
+    "The step of the last checkpoint in the run folder `out` (None when it holds no readable one)."
+    try: return _read_json_dict(Path(out) / 'checkpoints' / 'last.json').get('step')
+    except (OSError, ValueError): return None
+
+def prepare_run_dir(cfg, pretrained: Path, log=print) -> bool:
+    """Keep `cfg.out` only if it holds an unfinished run of this config and pretrained model; returns whether it resumes.
+    A run folder with an unreadable state file (`run_state_problem`) is started again from scratch, saying which file."""
     from tga_zsr.training import run_identity
-    out = Path(cfg.out); stamp = out / 'run_inputs.json'
+    out = Path(cfg.out); stamp = out / RUN_INPUTS
     inputs = _jsonable({'identity': run_identity(cfg), 'pretrained_sha256': sha256_file(pretrained) if pretrained.is_file() else None})
     state = out / 'checkpoints' / 'last.json'
-    resume = (stamp.is_file() and json.loads(stamp.read_text()) == inputs and state.is_file()
+    problem = run_state_problem(out) if out.exists() else None
+    if problem: log(f"finetune: {problem}; starting this run again from scratch")
+    resume = (problem is None and stamp.is_file() and json.loads(stamp.read_text()) == inputs and state.is_file()
               and not json.loads(state.read_text()).get('finished', False))
     if out.exists() and not resume: shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + '\n')
+    with atomic_path(stamp) as tmp: tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + '\n')
     return resume
 
 def collect_curves(dvclive_dir: str | os.PathLike) -> dict[str, list]:

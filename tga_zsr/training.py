@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_training.ipynb #31392207
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, socket, time
+import dataclasses, hashlib, json, math, os, re, socket, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,8 +25,8 @@ from .attention import NOT_TEMPLATE
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'run_identity', 'check_config', 'cosine_lr', 'derived_seed', 'epoch_batches',
-           'shard_bounds', 'DistEnv', 'TokenEncoder', 'save_checkpoint', 'load_checkpoint', 'restore_checkpoint',
-           'trainable_parameters', 'export_model', 'train', 'run_processes']
+           'shard_bounds', 'DistEnv', 'TokenEncoder', 'as_os_error', 'save_checkpoint', 'load_checkpoint',
+           'restore_checkpoint', 'trainable_parameters', 'export_model', 'train', 'run_processes']
 
 # %% ../nbs/09_training.ipynb #1bee40e8
 from .config import ConfigError, require, checked, fmt_value, from_mapping, typed_copy
@@ -125,6 +125,7 @@ def check_config(cfg: TrainConfig, need_data: bool = True) -> TrainConfig:
     for k in ('alpha', 'beta'):
         v = getattr(r, k)
         require(v is None or v >= 0, k, f"must be >= 0, got {fmt_value(v)}")
+    require(not Path(r.out).exists() or Path(r.out).is_dir(), 'out', f"{r.out!r} exists and is not a folder")
     require('{}' in r.template, 'template', f"must contain '{{}}' for the class name, got {r.template!r}")
     if need_data and METHODS[r.method].step is not None:
         require(Path(r.data_root).exists(), 'data_root', f"{r.data_root!r} does not exist (run `tga-zsr prepare-data` or fix the path)")
@@ -192,6 +193,12 @@ class TokenEncoder(nn.Module):
 # %% ../nbs/09_training.ipynb #e80aa7da
 CHECKPOINT_FORMAT = 'tga_zsr-train-checkpoint-v1'
 
+def as_os_error(e: BaseException, path=None) -> OSError | None:
+    "`e` as an `OSError` when it is one, or a safetensors write error wrapping one ('... (os error 28)'); else None."
+    if isinstance(e, OSError): return e
+    m = re.search(r'\(os error (\d+)\)', str(e)) if type(e).__name__ == 'SafetensorError' else None
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), None if path is None else str(path)) if m else None
+
 def save_checkpoint(folder: str | Path, clip: ClipModel, optimizer: torch.optim.Optimizer, state: dict,
                     scaler: torch.amp.GradScaler | None = None) -> Path:
     "Atomically write `folder/last.safetensors` (model + optimizer tensors, JSON state [+ GradScaler state] in the header) and `last.json`."
@@ -209,7 +216,8 @@ def save_checkpoint(folder: str | Path, clip: ClipModel, optimizer: torch.optim.
     state = {**state, 'optimizer': {'param_groups': opt['param_groups'], 'state': opt_state}}
     if scaler is not None: state['grad_scaler'] = scaler.state_dict()   # python numbers only: JSON
     text = json.dumps(state, sort_keys=True)
-    path = save_safetensors(tensors, folder/'last.safetensors', metadata={'format': CHECKPOINT_FORMAT, 'state': text})
+    try: path = save_safetensors(tensors, folder/'last.safetensors', metadata={'format': CHECKPOINT_FORMAT, 'state': text})
+    except Exception as e: raise (as_os_error(e, folder/'last.safetensors') or e) from None
     save_json(state, folder/'last.json')
     return path
 
@@ -365,17 +373,28 @@ def _train(cfg, method, env, device, train_set, callbacks):
     scaler = grad_scaler(device, precision)      # fp16 only (the official loss scaling); None: the plain fp32/bf16 update
 
     step, ckpt_dir = 0, out/'checkpoints'
+    saved = None                                   # the step of the last checkpoint on disk (for the stop messages)
     if cfg.resume and (ckpt_dir/'last.safetensors').exists():
-        step = _resume(ckpt_dir, identity, clip, optimizer, scaler)
+        step = saved = _resume(ckpt_dir, identity, clip, optimizer, scaler)
 
     def checkpoint(epoch, finished=False):
+        nonlocal saved
         if env.is_main:
             save_checkpoint(ckpt_dir, clip, optimizer, scaler=scaler, state={
                 'step': step, 'epoch': epoch, 'total_steps': total_steps, 'batches_per_epoch': batches_per_epoch,
                 'identity': identity, 'rng': rng_state(), 'world_size': env.world_size, 'finished': finished,
                 'scheduler': {'name': 'cosine', 'base_lr': cfg.lr, 'warmup': cfg.warmup, 'total_steps': total_steps,
                               'lr': cosine_lr(max(step - 1, 0), cfg.lr, cfg.warmup, total_steps)}})
+            saved = step
         if env.world_size > 1: dist.barrier()
+
+    def kept() -> str:   # the step a resume restores, read from the checkpoint itself (Ctrl-C can land mid-save)
+        on_disk = saved
+        if saved is not None or cfg.resume:      # else a file there is an older run's, which this run would overwrite
+            try: on_disk = json.loads(safetensors_metadata(ckpt_dir/'last.safetensors')['state'])['step']
+            except (OSError, KeyError, ValueError, TGAZSRError): pass
+        if on_disk is None: return f"no checkpoint was written yet ({ckpt_dir})"
+        return f"the last checkpoint (step {on_disk}) is kept in {ckpt_dir}; run the same command to resume"
 
     live = _open_live(out/'dvclive', step, asdict(cfg)) if env.is_main else None
     from tqdm.auto import tqdm
@@ -421,6 +440,11 @@ def _train(cfg, method, env, device, train_set, callbacks):
                     cb({'step': step, 'epoch': epoch, 'loss': stats[0], 'parts': last, 'lr': lr, 'clip': clip,
                         'optimizer': optimizer, 'scaler': scaler})
                 if stop: return ckpt_dir/'last.safetensors'
+    # Ctrl-C stays a plain KeyboardInterrupt (callers such as the pipeline test its type name), now saying what was kept
+    except KeyboardInterrupt: raise KeyboardInterrupt(f"interrupted at step {step}; {kept()}") from None
+    except OSError as e:   # disk full, permission denied: the checkpoint writes are atomic, the last good one stays
+        where = f" ({e.filename})" if e.filename else ''
+        raise TGAZSRError(f"training stopped at step {step}: {e.strerror or e}{where}; {kept()}") from None
     finally:
         bar.close()
         if live is not None: live.end()
