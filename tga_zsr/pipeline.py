@@ -90,6 +90,7 @@ def _write_stamp(root: Path, stamp: dict) -> None:
     from tga_zsr.core import atomic_path
     with atomic_path(_stamp_path(root)) as tmp: tmp.write_text(json.dumps(stamp, sort_keys=True) + '\n')
 
+# %% ../nbs/13_pipeline.ipynb #72503e99
 def bootstrap_data(params, root: str | os.PathLike = '.', track: bool = True, regenerate: bool = False,
                    log=print) -> dict:
     """Make `data/` match the parameters and the generator: (re)generate the miniature world when needed, or check that
@@ -151,6 +152,7 @@ def restore_tracked_world(root: str | os.PathLike = '.') -> bool:
     with atomic_path(f) as tmp: tmp.write_text(tracked)
     return True
 
+# %% ../nbs/13_pipeline.ipynb #0bf1fb8b
 def verify_world(params, root: str | os.PathLike = '.') -> dict[str, str]:
     """Regenerate the miniature world of `params` in a temporary folder and compare it byte for byte with `data/`;
     raise `TGAZSRError` naming the first differing file (first restoring `data.dvc` to the verified world's record:
