@@ -1,12 +1,17 @@
 """End-to-end test of the DVC pipeline with the smoke profile, in a temporary copy of the repository.
 
 The copy holds exactly what git would hand a new user (tracked files plus untracked, not ignored ones). The test
-switches it to profiles/smoke.yaml, bootstraps the data (`python -m tga_zsr.pipeline setup`: the tiny world is
-generated and re-tracked with `dvc add data`), runs `dvc repro`, and checks:
+switches it to the smoke profile (`python -m tga_zsr.pipeline profile smoke`, committed in the copy), runs plain
+`dvc repro` (the data stage makes data/: no other step), and checks:
 
 - every stage ran and wrote what it should (metrics JSONs of the right shape, figures, report, executed notebooks);
 - `dvc metrics show` reads the metrics; a second `dvc repro` runs nothing;
+- the run is byte-reproducible: once committed, a forced re-run of one stage of each kind leaves `git status` clean
+  (dvc.lock and the committed results unchanged), and `verify` says every metric is identical;
 - editing one method's option invalidates only that method's stages (and figures/report);
+- `dvc exp run -S methods.tga_zsr.alpha=...` re-runs only that method's stages and the figures/report, and
+  `dvc exp show` lists it with its parameter and metrics; an invalid `-S` value fails with the same one line as
+  `dvc repro`;
 - a bad value in params.yaml makes `dvc repro` fail with one message naming the key, keeping the failed notebook.
 
 Timings are printed. Set TGA_ZSR_SMOKE_LIMIT (seconds, default 300) to change the time limit of `dvc repro`.
@@ -23,15 +28,19 @@ LIMIT = float(os.environ.get('TGA_ZSR_SMOKE_LIMIT', 300))
 TIMES: dict[str, float] = {}
 
 
+def _commit(repo, msg):
+    run(['git', 'add', '-A'], repo)
+    run(['git', '-c', 'user.name=test', '-c', 'user.email=test@localhost', '-c', 'commit.gpgsign=false',
+         'commit', '-q', '--allow-empty', '-m', msg, '--no-verify'], repo)
+
+
 @pytest.fixture(scope='module')
 def repo(tmp_path_factory):
     t0 = time.time()
     dst = copy_repo(tmp_path_factory.mktemp('pipeline') / 'repo')
-    shutil.copyfile(dst / 'profiles' / 'smoke.yaml', dst / 'params.yaml')
+    run([sys.executable, '-m', 'tga_zsr.pipeline', 'profile', 'smoke'], dst)
+    _commit(dst, 'smoke profile')
     TIMES['copy'] = time.time() - t0
-    t0 = time.time()
-    run([sys.executable, '-m', 'tga_zsr.pipeline', 'setup'], dst)
-    TIMES['setup (data)'] = time.time() - t0
     t0 = time.time()
     r = run(['dvc', 'repro'], dst)
     TIMES['dvc repro'] = time.time() - t0
@@ -92,7 +101,7 @@ def test_figures_and_report(repo, params):
     reading = report.split('## Reading', 1)[-1].split('\n## ', 1)[0]
     assert '## Reading' in report
     # the smoke models are near chance, so several may tie for the top: either sentence names the winner(s)
-    assert re.search(r'most robust method is|methods share the highest average robust accuracy', reading), reading
+    assert re.search(r'most robust method is|methods share the highest average robust accuracy|highest average robust accuracy is', reading), reading
 
 
 def test_dvc_metrics_show(repo, params):
@@ -109,6 +118,20 @@ def test_second_repro_is_a_no_op(repo):
     assert 'up to date' in run(['dvc', 'status'], repo).stdout
 
 
+def test_rerun_is_byte_identical(repo):
+    "Commit the run, force one stage of each kind again: dvc.lock and the committed results keep their bytes."
+    _commit(repo, 'smoke run')
+    t0 = time.time()
+    stages = ['data', 'pretrain', 'finetune@tga_zsr', 'evaluate@tga_zsr', 'figures', 'report']
+    run(['dvc', 'repro', '--force', '--single-item', *stages], repo)
+    TIMES[f'forced re-run of {len(stages)} stages'] = time.time() - t0
+    assert run(['git', 'status', '--porcelain'], repo).stdout == '', run(['git', 'diff', '--stat'], repo).stdout
+    r = run([sys.executable, '-m', 'tga_zsr.pipeline', 'verify'], repo)
+    assert re.search(r'verify: (\d+) of \1 metrics reproduce the published run \(HEAD\) within ±1 points \(\1 identical, '
+                     r"0 within, 0 outside, 0 missing\); dvc.lock unchanged: every output has the published run's bytes",
+                     r.stdout), r.stdout
+
+
 def _edit_params(repo, edit):
     path = repo / 'params.yaml'; old = path.read_text()
     P = yaml.safe_load(old); edit(P)
@@ -123,6 +146,35 @@ def test_one_method_change_invalidates_only_its_stages(repo):
         assert set(status) == {'finetune@tga_zsr', 'figures', 'report'}, status
     finally:
         (repo / 'params.yaml').write_text(old)
+    assert 'up to date' in run(['dvc', 'status'], repo).stdout
+
+
+def test_experiment_reruns_only_its_method(repo):
+    "`dvc exp run -S` on one method: only its stages and figures/report run; `dvc exp show` lists it; the tree goes back."
+    t0 = time.time()
+    r = run(['dvc', 'exp', 'run', '-n', 'alpha-half', '-S', 'methods.tga_zsr.alpha=0.5'], repo)
+    TIMES['dvc exp run'] = time.time() - t0
+    ran = re.findall(r"Running stage '([^']+)'", r.stdout + r.stderr)
+    assert sorted(ran) == ['evaluate@tga_zsr', 'figures', 'finetune@tga_zsr', 'report'], ran
+    rows = json.loads(run(['dvc', 'exp', 'show', '--json'], repo).stdout)
+    exps = [e for row in rows for e in (row.get('experiments') or []) for e in (e.get('revs') or [])]
+    exp = next(e for e in exps if e.get('name') == 'alpha-half')
+    data = exp['data']
+    assert data['params']['params.yaml']['data']['methods']['tga_zsr']['alpha'] == 0.5
+    assert 'results/metrics/tga_zsr/tga_zsr_pgd.json' in data['metrics'], sorted(data['metrics'])
+    run(['git', 'checkout', '--', '.'], repo); run(['dvc', 'checkout'], repo)      # back to the committed run
+    assert 'up to date' in run(['dvc', 'status'], repo).stdout
+
+
+def test_invalid_experiment_value_is_one_line(repo):
+    "An invalid `dvc exp run -S` value fails that experiment with the line `dvc repro` prints for it."
+    r = run(['dvc', 'exp', 'run', '-S', 'methods.tga_zsr.alpha=-1'], repo, check=False)
+    try:
+        assert r.returncode != 0
+        err_lines = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith('error: ')]
+        assert len(err_lines) == 1 and 'params.yaml: methods.tga_zsr.alpha must be >= 0' in err_lines[0], r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        run(['git', 'checkout', '--', '.'], repo); run(['dvc', 'checkout', '--force'], repo)   # the failed stage's notebook too
     assert 'up to date' in run(['dvc', 'status'], repo).stdout
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2e219fb4
 from __future__ import annotations
-import contextlib, functools, json, os, random, tempfile
+import contextlib, functools, json, os, random, shutil, tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -14,7 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['PRECISIONS', 'TGAZSRError', 'Registry', 'resolve_device', 'check_precision', 'autocast', 'grad_scaler',
            'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'safetensors_metadata', 'from_255', 'load_asset', 'read_tsv', 'write_tsv']
+           'canonical_safetensors', 'load_safetensors', 'safetensors_metadata', 'from_255', 'load_asset', 'read_tsv',
+           'write_tsv']
 
 # %% ../nbs/00_core.ipynb #d111f58c
 class TGAZSRError(Exception):
@@ -150,8 +151,29 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     "Save a state dict as safetensors atomically (tensors made contiguous and moved to CPU)."
     from safetensors.torch import save_file
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_path(path) as tmp:
+        raw = tmp.with_name(tmp.name + '.raw')
+        try:
+            save_file(tensors, str(raw), metadata=metadata)
+            canonical_safetensors(raw, tmp)
+        finally: raw.unlink(missing_ok=True)
     return Path(path)
+
+def canonical_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the safetensors file `src` to `dst` with its JSON header in one canonical order: metadata keys sorted, tensors
+    by offset. safetensors writes the metadata in hash-map order, which changes from one process to the next, so the same
+    weights would give different bytes (and DVC would record a new hash on every identical re-run)."""
+    import struct
+    with open(src, 'rb') as f:
+        n = struct.unpack('<Q', f.read(8))[0]
+        header = json.loads(f.read(n))
+        meta = header.pop('__metadata__', None)
+        canon = {**({'__metadata__': dict(sorted(meta.items()))} if meta else {}),
+                 **dict(sorted(header.items(), key=lambda kv: (kv[1]['data_offsets'], kv[0])))}
+        hb = json.dumps(canon, separators=(',', ':'), ensure_ascii=False).encode()
+        hb += b' ' * (-len(hb) % 8)          # the tensor data stays 8-byte aligned, as safetensors pads it
+        with open(dst, 'wb') as g:
+            g.write(struct.pack('<Q', len(hb))); g.write(hb); shutil.copyfileobj(f, g, 1 << 24)
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = 'cpu') -> dict[str, torch.Tensor]:
     "Load a safetensors file (no unpickling) with a clear error for missing or corrupt files."

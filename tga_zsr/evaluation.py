@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_evaluation.ipynb #0f201d4f
 from __future__ import annotations
-import json, os, zlib
+import io, json, os, zipfile, zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .core import TGAZSRError, autocast, check_precision, load_safetensors, resolve_device, safetensors_metadata, save_json, save_safetensors
+from .core import TGAZSRError, atomic_path, autocast, check_precision, load_safetensors, resolve_device, safetensors_metadata, save_json, save_safetensors
 from .models import ClipModel, ZeroShotClassifier, classifier_weights
 from .attacks import AttackConfig
 from .datasets import get_eval_set, paper_dataset_name
@@ -24,9 +24,11 @@ from .attention import text_guided_attention
 from .losses import attention_distance
 
 # %% auto #0
-__all__ = ['batch_seed', 'count_correct', 'check_dataset_name', 'has_masks', 'evaluate', 'metrics_name', 'write_metrics',
-           'mask_energy', 'pointing_hits', 'attention_shift', 'write_attention_shift', 'save_attention_shift',
-           'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attention_examples', 'save_attention_examples',
+__all__ = ['CORRECTNESS_FORMAT', 'batch_seed', 'correct_per_image', 'count_correct', 'check_dataset_name', 'has_masks',
+           'evaluate', 'metrics_name', 'write_metrics', 'mask_energy', 'pointing_hits', 'localization_sums',
+           'add_localization_sums', 'localization_scores', 'attention_shift', 'save_attention_shift',
+           'write_attention_shift', 'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attack_key',
+           'save_correctness', 'load_correctness', 'attention_examples', 'save_attention_examples',
            'load_attention_examples']
 
 # %% ../nbs/10_evaluation.ipynb #092d2092
@@ -39,21 +41,32 @@ def batch_seed(seed: int, dataset: str, batch_index: int) -> int:
     "The attack seed of one batch: stable across runs and independent of which other datasets are evaluated."
     return (seed * 1_000_003 + zlib.crc32(dataset.encode()) + batch_index) % 2**31
 
+def _as_uint8(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).to(torch.uint8).numpy() if parts else np.zeros(0, dtype=np.uint8)
+
+def correct_per_image(classifier: nn.Module, loader, attacks: Sequence[AttackConfig], n_classes: int,
+                      device: torch.device, seed: int = 0, name: str = '', precision: str = 'auto',
+                      progress: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    "Run `loader` once: `(clean, [robust per attack])`, uint8 vectors with 1 where the image (in loader order) is classified right."
+    precision = check_precision(precision, device)
+    clean, robust = [], [[] for _ in attacks]
+    for b, batch in enumerate(tqdm(loader, desc=name or 'batches', leave=False, disable=not progress)):
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with torch.no_grad(), autocast(device, precision): clean_ok = (classifier(x).argmax(-1) == y).cpu()
+        clean.append(clean_ok)
+        for i, attack in enumerate(attacks):
+            if not _moves_images(attack): robust[i].append(clean_ok); continue
+            adv = attack.run(classifier, x, y, n_classes=n_classes, seed=batch_seed(seed, name, b), precision=precision)
+            with torch.no_grad(), autocast(device, precision): robust[i].append((classifier(adv).argmax(-1) == y).cpu())
+    return _as_uint8(clean), [_as_uint8(r) for r in robust]
+
 def count_correct(classifier: nn.Module, loader, attacks: Sequence[AttackConfig], n_classes: int,
                   device: torch.device, seed: int = 0, name: str = '', precision: str = 'auto',
                   progress: bool = True) -> tuple[int, int, list[int]]:
     "Run `loader` once: `(n, clean_correct, [robust_correct per attack])` with one clean forward per batch."
-    precision = check_precision(precision, device)
-    n, clean_correct, robust_correct = 0, 0, [0] * len(attacks)
-    for b, batch in enumerate(tqdm(loader, desc=name or 'batches', leave=False, disable=not progress)):
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with torch.no_grad(), autocast(device, precision): clean_ok = classifier(x).argmax(-1) == y
-        n += len(y); clean_correct += int(clean_ok.sum())
-        for i, attack in enumerate(attacks):
-            if not _moves_images(attack): robust_correct[i] += int(clean_ok.sum()); continue
-            adv = attack.run(classifier, x, y, n_classes=n_classes, seed=batch_seed(seed, name, b), precision=precision)
-            with torch.no_grad(), autocast(device, precision): robust_correct[i] += int((classifier(adv).argmax(-1) == y).sum())
-    return n, clean_correct, robust_correct
+    clean, robust = correct_per_image(classifier, loader, attacks, n_classes, device, seed=seed, name=name,
+                                      precision=precision, progress=progress)
+    return len(clean), int(clean.sum()), [int(r.sum()) for r in robust]
 
 # %% ../nbs/10_evaluation.ipynb #019d750c
 def check_dataset_name(name: str, root: str | os.PathLike) -> str:
@@ -78,7 +91,8 @@ def _check_method_label(method: str) -> str:
 
 def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, attacks: Sequence[AttackConfig],
              method: str, max_images: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
-             seed: int = 0, num_workers: int = 0, precision: str = 'auto', progress: bool = True) -> list[dict]:
+             seed: int = 0, num_workers: int = 0, precision: str = 'auto', progress: bool = True,
+             per_image: bool = False) -> list[dict]:
     "Zero-shot clean and robust top-1 accuracy (percent) of `clip` on `datasets`, one result dict per attack."
     _check_method_label(method)
     datasets, attacks = list(datasets), list(attacks)
@@ -93,6 +107,7 @@ def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, 
     sets = {name: get_eval_set(name, root, image_size=int(clip.image_size[0]), max_images=max_images, seed=seed)
             for name in datasets}
     clean, robust, counts = {}, [{} for _ in attacks], {}
+    clean_vecs, robust_vecs = {}, [{} for _ in attacks]
     was_training = clip.training
     clip.eval()
     try:
@@ -101,16 +116,20 @@ def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, 
             classifier = ZeroShotClassifier(clip, weights.float())
             loader = DataLoader(es.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 pin_memory=device.type == 'cuda')
-            n, clean_ok, robust_ok = count_correct(classifier, loader, attacks, len(es.classnames), device,
-                                                   seed=seed, name=name, precision=precision, progress=progress)
+            clean_vec, robust_vec = correct_per_image(classifier, loader, attacks, len(es.classnames), device,
+                                                      seed=seed, name=name, precision=precision, progress=progress)
+            n = len(clean_vec)
             if n == 0: raise TGAZSRError(f"dataset {name!r} ({es.source}) has no images")
-            counts[name], clean[name] = n, _pct(clean_ok, n)
-            for r, ok in zip(robust, robust_ok): r[name] = _pct(ok, n)
+            counts[name], clean[name], clean_vecs[name] = n, _pct(int(clean_vec.sum()), n), clean_vec
+            for r, rv, v in zip(robust, robust_vecs, robust_vec): r[name], rv[name] = _pct(int(v.sum()), n), v
     finally: clip.train(was_training)
     avg = lambda d: round(sum(d.values()) / len(d), 4)
-    return [{'method': method, 'attack': a.as_dict(),
-             'clean': {**clean, 'avg': avg(clean)}, 'robust': {**r, 'avg': avg(r)}, 'n': dict(counts)}
-            for a, r in zip(attacks, robust)]
+    results = [{'method': method, 'attack': a.as_dict(),
+                'clean': {**clean, 'avg': avg(clean)}, 'robust': {**r, 'avg': avg(r)}, 'n': dict(counts)}
+               for a, r in zip(attacks, robust)]
+    if per_image:
+        for res, rv in zip(results, robust_vecs): res['per_image'] = {'clean': dict(clean_vecs), 'robust': rv}
+    return results
 
 # %% ../nbs/10_evaluation.ipynb #fa0945bb
 def _fmt_num(v) -> str: return str(int(v)) if float(v) == int(v) else str(v)
@@ -131,7 +150,7 @@ def write_metrics(results: Sequence[dict], out_dir: str | os.PathLike, meta: dic
     if meta is not None and results:
         methods = {r['method'] for r in results}
         if len(methods) != 1: raise TGAZSRError(f"meta can only be written for one method, got {sorted(methods)}")
-    out = [save_json(r, p) for r, p in zip(results, paths)]
+    out = [save_json({k: v for k, v in r.items() if k != 'per_image'}, p) for r, p in zip(results, paths)]
     if meta is not None and results: out.append(save_json(meta, Path(out_dir) / f"{results[0]['method']}_meta.json"))
     return out
 
@@ -145,6 +164,34 @@ def pointing_hits(attention: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     "Per image, whether the attention's argmax lies inside the mask: (B, H, W) -> (B,) bool."
     idx = attention.flatten(1).argmax(1)
     return masks.flatten(1).gather(1, idx[:, None])[:, 0] > 0
+
+# %% ../nbs/10_evaluation.ipynb #d4104735
+def localization_sums(maps: dict[str, torch.Tensor], masks: torch.Tensor) -> dict:
+    "Sums over images with a non-empty mask: their count, mask area share, and per map kind energy, pointing hits of A and of −A."
+    m = masks.flatten(1) > 0
+    keep = m.any(1)
+    maps = {k: a[keep] for k, a in maps.items()}
+    mk = masks[keep]
+    return {'n': int(keep.sum()), 'area': float(m[keep].float().mean(1).sum()),
+            'energy': {k: float(mask_energy(a, mk).sum()) for k, a in maps.items()},
+            'pointing': {k: int(pointing_hits(a, mk).sum()) for k, a in maps.items()},
+            'pointing_inverse': {k: int(pointing_hits(-a, mk).sum()) for k, a in maps.items()}}
+
+def add_localization_sums(total: dict | None, sums: dict) -> dict:
+    "`total` + `sums` (`None` + sums = sums), key by key."
+    if total is None: return sums
+    add = lambda a, b: {k: a[k] + b[k] for k in a} if isinstance(a, dict) else a + b
+    return {k: add(total[k], sums[k]) for k in total}
+
+def localization_scores(sums: dict) -> dict:
+    "`n_localized`, `chance` (0–1), `chance_pointing` (%), `energy` (0–1), `pointing`, `pointing_inverse` (%) from summed `localization_sums`."
+    n = sums['n']
+    share = lambda v: round(v / n, 6) if n else None
+    pct = lambda hits: _pct(int(hits), n) if n else None
+    return {'n_localized': n, 'chance': share(sums['area']), 'chance_pointing': round(100 * sums['area'] / n, 4) if n else None,
+            'energy': {k: share(v) for k, v in sums['energy'].items()},
+            'pointing': {k: pct(v) for k, v in sums['pointing'].items()},
+            'pointing_inverse': {k: pct(v) for k, v in sums['pointing_inverse'].items()}}
 
 # %% ../nbs/10_evaluation.ipynb #fbb69409
 def _as_masks(m: torch.Tensor, size) -> torch.Tensor:
@@ -183,8 +230,8 @@ def _attention_shift_one(clip, original, name, es, attack, batch_size, device, s
     with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates).float()
     classifier = ZeroShotClassifier(clip, weights)
     sums = {k: 0.0 for k in ('adv_vs_clean', 'adv_vs_original', 'clean_vs_original', 'clean_acc', 'robust_acc')}
-    loc = {k: {'energy': 0.0, 'pointing': 0.0} for k in ('clean', 'adv', 'original')}
-    n = n_loc = 0
+    loc = None
+    n = 0
     has_masks = None
     loader = DataLoader(es.dataset, batch_size=batch_size, shuffle=False)
     for b, batch in enumerate(loader):
@@ -209,36 +256,27 @@ def _attention_shift_one(clip, original, name, es, attack, batch_size, device, s
         sums['clean_acc'] += float((classifier.logits_from_embedding(tok_clean[:, 0]).argmax(-1) == y).sum())
         sums['robust_acc'] += float((classifier.logits_from_embedding(tok_adv[:, 0]).argmax(-1) == y).sum())
         n += B
-        if masks is not None:
-            m = _as_masks(masks.to(device), size)
-            keep = m.flatten(1).any(1)
-            for k, a in maps.items():
-                loc[k]['energy'] += float(mask_energy(a[keep], m[keep]).sum())
-                loc[k]['pointing'] += float(pointing_hits(a[keep], m[keep]).sum())
-            n_loc += int(keep.sum())
+        if masks is not None: loc = add_localization_sums(loc, localization_sums(maps, _as_masks(masks.to(device), size)))
     if n == 0: raise TGAZSRError(f"dataset {name!r} ({es.source}) has no images")
     res = {'n': n, 'distance': distance, 'attack': attack.as_dict(),
            **{k: round(v / n, 6) for k, v in sums.items() if not k.endswith('_acc')},
            'clean_acc': _pct(int(sums['clean_acc']), n), 'robust_acc': _pct(int(sums['robust_acc']), n)}
-    if has_masks:
-        res['n_localized'] = n_loc
-        res['energy'] = {k: round(v['energy'] / n_loc, 6) if n_loc else None for k, v in loc.items()}
-        res['pointing'] = {k: _pct(int(v['pointing']), n_loc) if n_loc else None for k, v in loc.items()}
+    if has_masks: res.update(localization_scores(loc))
     return res
-
-def write_attention_shift(result: dict, out_dir: str | os.PathLike, method: str) -> Path:
-    "Write an `attention_shift` result to `<out_dir>/<method>_attention.json`."
-    return save_json(result, Path(out_dir) / f'{_check_method_label(method)}_attention.json')
 
 # %% ../nbs/10_evaluation.ipynb #b2ed0952
 from .core import load_json
 
 def save_attention_shift(result: dict, path: str | os.PathLike) -> Path:
-    "Write an `attention_shift` result to the JSON file `path` (atomically)."
+    "Write an `attention_shift` result to the JSON file `path` (atomically, sorted keys)."
     return save_json(result, path)
 
+def write_attention_shift(result: dict, out_dir: str | os.PathLike, method: str) -> Path:
+    "`save_attention_shift` to `<out_dir>/<method>_attention.json` (the CLI's file name)."
+    return save_attention_shift(result, Path(out_dir) / f'{_check_method_label(method)}_attention.json')
+
 def load_attention_shift(path: str | os.PathLike) -> dict:
-    "An `attention_shift` result written by `save_attention_shift` or `write_attention_shift`."
+    "An `attention_shift` result written by `save_attention_shift`."
     return load_json(path)
 
 def save_eval_meta(meta: dict, path: str | os.PathLike) -> Path:
@@ -248,6 +286,75 @@ def save_eval_meta(meta: dict, path: str | os.PathLike) -> Path:
 def load_eval_meta(path: str | os.PathLike) -> dict:
     "The run details written by `save_eval_meta`."
     return load_json(path)
+
+# %% ../nbs/10_evaluation.ipynb #376e7101
+CORRECTNESS_FORMAT = 1
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+def attack_key(attack: dict, attacks: Sequence[dict] = ()) -> str:
+    "The attack part of `metrics_name`: the name, plus norm and budget when several of `attacks` share the name."
+    return metrics_name('m', attack, attacks)[2:]
+
+def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes):
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+    zf.writestr(info, data)
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO(); np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+def save_correctness(results: Sequence[dict], path: str | os.PathLike) -> Path:
+    "Write the `per_image` vectors of one method's `evaluate(..., per_image=True)` results to one byte-stable `.npz`."
+    results = list(results)
+    if not results: raise TGAZSRError("save_correctness needs at least one result")
+    methods = sorted({r['method'] for r in results})
+    if len(methods) != 1: raise TGAZSRError(f"save_correctness writes one method per file, got {methods}")
+    if any('per_image' not in r for r in results):
+        raise TGAZSRError("a result has no 'per_image' vectors: evaluate with per_image=True")
+    attacks = [r['attack'] for r in results]
+    keys = [attack_key(a, attacks) for a in attacks]
+    if len(set(keys)) != len(keys) or 'clean' in keys:
+        raise TGAZSRError(f"attack keys {keys} repeat (the same attack twice?) or use the reserved key 'clean'")
+    clean = results[0]['per_image']['clean']
+    datasets = list(clean)
+    entries = {}
+    for key, r in zip(keys, results):
+        pi = r['per_image']
+        if list(pi['clean']) != datasets or any(not np.array_equal(pi['clean'][d], clean[d]) for d in datasets):
+            raise TGAZSRError(f"the results' clean vectors differ (attack {key!r}): they must come from one evaluation")
+        if list(pi['robust']) != datasets:
+            raise TGAZSRError(f"attack {key!r} has datasets {list(pi['robust'])}, expected {datasets}")
+        for d in datasets:
+            v = np.asarray(pi['robust'][d])
+            if v.shape != np.shape(clean[d]) or not np.isin(v, (0, 1)).all():
+                raise TGAZSRError(f"per_image vector {key}/{d} must be 0/1 of length {len(clean[d])}")
+            entries[f'{key}/{d}.npy'] = v.astype(np.uint8)
+    for d in datasets: entries[f'clean/{d}.npy'] = np.asarray(clean[d]).astype(np.uint8)
+    meta = {'format': CORRECTNESS_FORMAT, 'method': methods[0], 'datasets': datasets, 'attacks': dict(zip(keys, attacks))}
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, 'w') as zf:
+            for name in sorted(entries): _zip_write(zf, name, _npy_bytes(entries[name]))
+            _zip_write(zf, 'meta.json', json.dumps(meta, sort_keys=True).encode())
+    return Path(path)
+
+def load_correctness(path: str | os.PathLike) -> dict:
+    "`{'method', 'clean': {dataset: vector}, 'robust': {attack key: {dataset: vector}}, 'attacks': {attack key: dict}}`."
+    path = Path(path)
+    if not path.is_file(): raise TGAZSRError(f"correctness file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(zf.read('meta.json'))
+            arrays = {n[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(n)), allow_pickle=False)
+                      for n in zf.namelist() if n.endswith('.npy')}
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise TGAZSRError(f"unreadable correctness file {path}: {e}") from None
+    if meta.get('format') != CORRECTNESS_FORMAT:
+        raise TGAZSRError(f"correctness file {path} has format {meta.get('format')!r}, expected {CORRECTNESS_FORMAT}")
+    ds = meta['datasets']
+    return {'method': meta['method'], 'clean': {d: arrays[f'clean/{d}'] for d in ds},
+            'robust': {k: {d: arrays[f'{k}/{d}'] for d in ds} for k in meta['attacks']},
+            'attacks': meta['attacks']}
 
 # %% ../nbs/10_evaluation.ipynb #788b7196
 def attention_examples(clip: ClipModel, method: str, dataset: str, root: str | os.PathLike, attack: AttackConfig,

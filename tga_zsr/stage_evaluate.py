@@ -25,7 +25,6 @@ def stage_evaluate(params: StudyParams, method: str, root: str | os.PathLike = '
     root = Path(root); p = stage_paths(method); ev = params.evaluate; att = ev.attention
     device = configure(params); seed = params.seed; arch = params.model.arch
     precision = device_precision('evaluate.precision', ev.precision, device)
-    t0 = time.time()
     clip = load_clip(arch, root / p['model'], device=device)
     attacks = ev.attacks
     results = evaluate(clip, ev.datasets, root / DATA_DIR, attacks, method, max_images=ev.max_images,
@@ -33,7 +32,6 @@ def stage_evaluate(params: StudyParams, method: str, root: str | os.PathLike = '
                        precision=precision, progress=False)
     dicts = [a.as_dict() for a in attacks]
     write_metrics(results, root / p['metrics'])     # <method>_<attack>.json: what `dvc metrics show` reads
-    t_eval = time.time() - t0
     if att.datasets or att.examples:
         original = load_clip(arch, root / p['pretrained'], device=device)
     if att.datasets:
@@ -46,7 +44,7 @@ def stage_evaluate(params: StudyParams, method: str, root: str | os.PathLike = '
                                 seed=seed, device=device, token_norm=att.token_norm, precision=precision)
         save_attention_examples(ex, root / p['examples'])
     meta = {'method': method, 'arch': arch, 'checkpoint': p['model'], 'seed': seed, 'max_images': ev.max_images,
-            'attacks': dicts, 'precision': precision, 'seconds_accuracy': round(t_eval, 1), 'seconds_total': round(time.time() - t0, 1)}
+            'attacks': dicts, 'precision': precision}   # no timings: outputs stay identical between identical runs
     save_eval_meta(meta, root / p['meta'])
     return {'robust_avg': {metrics_name(method, r['attack'], dicts): r['robust']['avg'] for r in results},
-            'clean_avg': results[0]['clean']['avg'], 'seconds': meta['seconds_total']}
+            'clean_avg': results[0]['clean']['avg']}

@@ -116,11 +116,13 @@ def stage_finetune(params: StudyParams, method: str, root: str | os.PathLike = '
     device_precision(f'methods.{method}.precision' if 'precision' in params.methods[method] else 'finetune.precision',
                      cfg.precision, device)   # fp16 on a CPU: fails here, naming the key, before the run folder is touched
     resumed = prepare_run_dir(cfg, root / p['pretrained'])
-    t0 = time.time()
     path = train(cfg) if params.nproc_per_node == 1 else _torchrun_train(cfg, params.nproc_per_node)
     curves = collect_curves(root / p['model_dir'] / 'dvclive')
     if len(curves) == 1: curves['loss'] = []          # no training (zero-shot CLIP): an empty curve
     write_tsv(curves, root / p['curve'])
+    # dvclive's files carry wall-clock timestamps; the curve above is what the study keeps, and the finished run's
+    # folder must hold the same bytes on every identical re-run (dvc.lock records its hash)
+    shutil.rmtree(root / p['model_dir'] / 'dvclive', ignore_errors=True)
     summary = load_json(root / p['model_dir'] / 'train_summary.json')
-    return {'method': method, 'model': relative_to(path, root), 'resumed': resumed, 'seconds': round(time.time() - t0, 1),
+    return {'method': method, 'model': relative_to(path, root), 'resumed': resumed,
             'steps': summary.get('steps'), 'final': {k: v[-1] for k, v in curves.items() if v and k != 'step'}}

@@ -22,7 +22,7 @@ def stage_pretrain(params: StudyParams, root: str | os.PathLike = '.') -> dict:
     from tga_zsr.evaluation import evaluate
     root = Path(root); out = stage_paths(); device = configure(params)
     arch, tag = params.model.arch, params.model.pretrained
-    t0 = time.time(); summary = {'arch': arch, 'pretrained': tag}
+    summary = {'arch': arch, 'pretrained': tag}   # no timings: outputs must not change between identical runs
     if tag is None:
         from tga_zsr.pretrain import pretrain_from_scratch
         from tga_zsr.core import write_tsv
@@ -34,7 +34,6 @@ def stage_pretrain(params: StudyParams, root: str | os.PathLike = '.') -> dict:
     else:
         clip = load_clip(arch, tag, device=device)
         export_open_clip(clip, root / out['pretrained'])
-    summary['seconds'] = round(time.time() - t0, 1)
     pre, ev = params.pretrain, params.evaluate
     zs = evaluate(clip, pre.sanity_datasets or ev.datasets, root / DATA_DIR, [AttackConfig('none', eps=0, steps=0, step_size=0)],
                   'pretrained', max_images=pre.sanity_images, batch_size=ev.batch_size, device=device, seed=params.seed,

@@ -400,7 +400,7 @@ def _train(cfg, method, env, device, train_set, callbacks):
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and env.is_main), desc=f'{method.name}')
     clip.model.visual.train()
-    t0, steps_here, last = time.time(), 0, {}
+    steps_here, last = 0, {}
     try:
         while step < total_steps:
             epoch, first = divmod(step, batches_per_epoch)
@@ -453,7 +453,7 @@ def _train(cfg, method, env, device, train_set, callbacks):
         export_model(clip, path, method.name)
         save_json({'method': method.name, 'arch': cfg.arch, 'pretrained': cfg.pretrained, 'steps': step,
                    'total_steps': total_steps, 'epochs': cfg.epochs, 'world_size': env.world_size,
-                   'wall_seconds_this_invocation': round(time.time() - t0, 3), 'final': last, 'finished': True,
+                   'final': last, 'finished': True,
                    'precision': precision,
                    'config': asdict(cfg)}, out/'train_summary.json')
     if env.world_size > 1: dist.barrier()
