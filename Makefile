@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-wheel test-faults test-paper export-check notebooks lab repro verify bench bench-gpu
+.PHONY: venv test test-wheel test-faults test-paper export-check notebooks lab repro verify budget bench bench-gpu
 
 venv: $(STAMP)
 
@@ -70,6 +70,13 @@ TOLERANCE ?= 1.0
 verify: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(if $(FORCE),--force)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tga_zsr.pipeline verify --tolerance $(TOLERANCE)
+
+## The fine-tuning budget check (issue 10): FT-Adv, TeCoA and TGA-ZSR fine-tuned for 100..1600 steps, one seed, on the
+## data/ and pretrained model of this checkout (`dvc repro pretrain` makes them); writes results/budget/ (commit it:
+## the report's stages read it). Resumable; ~40 min on 2 CPU cores.
+budget: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro pretrain
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tga_zsr.budget
 
 bench: venv
 	$(BIN)/python benchmarks/bench_step.py

@@ -34,6 +34,9 @@ def shrink(P: dict) -> dict:
     ev['attacks'] = [{**a, 'steps': 2} for a in ev['attacks']]
     att = ev.get('attention') or {}
     if att.get('examples'): att['examples'] = 2
+    # the checklist on two datasets (one with 2 classes: APGD's CE-only path), tiny budgets
+    P['checks'] = {**P.get('checks', {}), 'datasets': ['cifar10', 'pcam'], 'max_images': 2, 'batch_size': 2,
+                   'checklist': {'eps': [0, 1], 'large_eps': 255, 'steps': [1, 2], 'apgd_steps': 2, 'square_queries': 5}}
     return P
 
 
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
         names = write_data(repo / 'data', P)
         # hard links into DVC's cache instead of copies: ten ViT-B/32 outputs (~1.5 GB each with the resume state) once, not twice
         run(['dvc', 'config', '--local', 'cache.type', 'hardlink,copy'], repo)
-        run(['dvc', 'add', 'data'], repo)                                          # as profiles/paper.yaml says
+        # (no `dvc add`: the data stage checks the prepared datasets and DVC tracks them as its output)
         from tga_zsr.testing import seed_hf_cache, random_open_clip_weights
         arch, tag = P['model']['arch'], P['model']['pretrained']
         from tga_zsr.models import canonical_arch, resolve_quick_gelu
@@ -83,22 +86,22 @@ def main(argv=None) -> int:
         (tmp / 'repro.log').write_text(log)
         check(r.returncode == 0, f"dvc repro failed (log {tmp / 'repro.log'}):\n{log[-3000:]}")
         stage_times = re.findall(r'stage (\S+): done in ([\d.]+)s', log)
-        methods = list(P['methods'])
-        check(len(stage_times) == 4 + 2 * len(methods), f"{len(stage_times)} stages ran: {stage_times}")
+        methods, seeds = list(P['methods']), P['seeds']
+        check(len(stage_times) == 4 + 2 * len(methods) * len(seeds) + len(methods), f"{len(stage_times)} stages ran: {stage_times}")
         check('up to date' in run(['dvc', 'status'], repo, env=env).stdout, 'dvc status is not up to date after repro')
         # every model is the paper's network: recorded and built with QuickGELU in every block
         from tga_zsr.models import checkpoint_record, load_clip, block_activations
         for m in ['pretrained'] + methods:
-            f = repo / 'models' / ('pretrained.safetensors' if m == 'pretrained' else f'{m}/model.safetensors')
+            f = repo / 'models' / ('pretrained.safetensors' if m == 'pretrained' else f'{m}-{seeds[0]}/model.safetensors')
             rec = checkpoint_record(f)
             check((rec.get('arch'), rec.get('quick_gelu')) == (weights_arch, 'true'), f"{f}: recorded {rec}")
-        acts = block_activations(load_clip(arch, repo / 'models' / 'tga_zsr' / 'model.safetensors').model)
+        acts = block_activations(load_clip(arch, repo / 'models' / f'tga_zsr-{seeds[0]}' / 'model.safetensors').model)
         check(acts == {'visual': ['QuickGELU'] * 12, 'text': ['QuickGELU'] * 12}, f"reloaded TGA-ZSR runs {acts}")
         # metrics: every method x attack, every test dataset
         datasets = P['evaluate']['datasets']
         n_attacks = len(P['evaluate']['attacks'])
         for m in methods:
-            files = sorted((repo / 'results' / 'metrics' / m).glob('*.json'))
+            files = sorted((repo / 'results' / 'metrics' / f'{m}-{seeds[0]}').glob('*.json'))
             check(len(files) == n_attacks, f"{m}: {len(files)} metrics files for {n_attacks} attacks")
             for f in files:
                 res = json.loads(f.read_text())
@@ -106,12 +109,14 @@ def main(argv=None) -> int:
         # the paper's Table 3 attacks (APGD-CE+DLR, i.e. its 'AutoAttack', and CW) through the CLI on a fine-tuned model,
         # with the architecture read from the checkpoint's record; PCAM (2 classes) takes APGD's CE-only path
         out = tmp / 'cli_eval'
-        run(['tga-zsr', 'evaluate', '--checkpoint', 'models/tga_zsr/model.safetensors', '--datasets', 'cifar10', 'pcam',
+        run(['tga-zsr', 'evaluate', '--checkpoint', f'models/tga_zsr-{seeds[0]}/model.safetensors', '--datasets', 'cifar10', 'pcam',
              '--root', 'data', '--attack', 'apgd', '--attack', 'cw', '--steps', '2', '--max-images', '2', '--batch-size', '2',
              '--device', 'cpu', '--precision', 'fp32', '--out', str(out), '--no-progress'], repo, env=env)
         table3 = sorted(f.name for f in out.glob('tga_zsr_*.json') if not f.name.endswith('_meta.json'))
         check(table3 == ['tga_zsr_apgd.json', 'tga_zsr_cw.json'], f"CLI evaluation wrote {table3}")
         report = (repo / 'results' / 'report.md').read_text()
+        summary = json.loads((repo / 'results' / 'summary.json').read_text())
+        check(set(summary['checks']) == set(methods), f"summary.json checks: {sorted(summary['checks'])}")
         check('## Side by side with the paper (Tables 1 and 2' in report, "the report does not hold the paper's Tables 1-2")
         ok = True
         print(f"paper dry run: {len(stage_times)} stages, {len(methods)} methods, {len(datasets)} test datasets "

@@ -59,42 +59,79 @@ def test_repro_runs_every_stage(repo, params, capsys):
         log = (repo / 'repro.log').read_text()
         stage_times = re.findall(r'stage (\S+): done in ([\d.]+)s', log)
         print('  per stage: ' + ', '.join(f'{s} {t}s' for s, t in stage_times))
-    methods = list(params['methods'])
-    assert len(stage_times) == 4 + 2 * len(methods)
+    methods, seeds = list(params['methods']), params['seeds']
+    assert len(seeds) >= 2
+    assert len(stage_times) == 4 + 2 * len(methods) * len(seeds) + len(methods)   # + a checks stage per method
     assert TIMES['dvc repro'] <= LIMIT, f"dvc repro took {TIMES['dvc repro']:.0f}s (limit {LIMIT:.0f}s)"
     nbs = repo / 'results' / 'notebooks'
     for stage in ('data', 'pretrain', 'figures', 'report'): assert (nbs / f'{stage}.ipynb').is_file(), stage
     for m in methods:
-        assert (nbs / 'finetune' / f'{m}.ipynb').is_file() and (nbs / 'evaluate' / f'{m}.ipynb').is_file(), m
-        assert (repo / 'models' / m / 'model.safetensors').is_file(), m
-        assert (repo / 'results' / 'curves' / f'{m}.tsv').read_text().startswith('step\t'), m
+        assert (nbs / 'checks' / f'{m}.ipynb').is_file(), m
+        for s in seeds:
+            assert (nbs / 'finetune' / f'{m}-{s}.ipynb').is_file() and (nbs / 'evaluate' / f'{m}-{s}.ipynb').is_file(), (m, s)
+            assert (repo / 'models' / f'{m}-{s}' / 'model.safetensors').is_file(), (m, s)
+            assert (repo / 'results' / 'curves' / f'{m}-{s}.tsv').read_text().startswith('step\t'), (m, s)
     assert (repo / 'models' / 'pretrained.safetensors').is_file()
+
+
+def _attacks_of(params, seed):
+    "The attacks a seed's models are evaluated under, with the images per dataset each runs on."
+    ev = params['evaluate']
+    return [(a['name'], a.get('max_images') or ev['max_images']) for a in ev['attacks'] if seed in a.get('seeds', [seed])]
 
 
 def test_metrics_have_the_paper_shape(repo, params):
     datasets = params['evaluate']['datasets']
     for m in params['methods']:
-        files = sorted((repo / 'results' / 'metrics' / m).glob('*.json'))
-        assert [f.name for f in files] == [f'{m}_pgd.json'], files
-        r = json.loads(files[0].read_text())
-        assert r['method'] == m and r['attack'] == {'name': 'pgd', 'norm': 'linf', 'eps': 1.0, 'steps': 2, 'step_size': 1.0}
-        for kind in ('clean', 'robust'):
-            assert sorted(r[kind]) == sorted(datasets + ['avg'])
-            assert all(0 <= v <= 100 for v in r[kind].values())
-            assert abs(r[kind]['avg'] - sum(r[kind][d] for d in datasets) / len(datasets)) < 1e-3
-        assert r['n'] == {d: params['evaluate']['max_images'] for d in datasets}
-    shift = json.loads((repo / 'results' / 'eval' / 'tga_zsr' / 'attention.json').read_text())
-    assert set(shift) == set(params['evaluate']['attention']['datasets'])
-    assert {'adv_vs_clean', 'adv_vs_original', 'energy', 'pointing'} <= set(shift['shapes'])
+        for s in params['seeds']:
+            files = sorted((repo / 'results' / 'metrics' / f'{m}-{s}').glob('*.json'))
+            attacks = _attacks_of(params, s)
+            assert [f.name for f in files] == sorted(f'{m}_{a}.json' for a, _ in attacks), files
+            for name, n in attacks:
+                r = json.loads((repo / 'results' / 'metrics' / f'{m}-{s}' / f'{m}_{name}.json').read_text())
+                assert r['method'] == m and r['seed'] == s and r['attack']['name'] == name
+                for kind in ('clean', 'robust'):
+                    assert sorted(r[kind]) == sorted(datasets + ['avg'])
+                    assert all(0 <= v <= 100 for v in r[kind].values())
+                    assert abs(r[kind]['avg'] - sum(r[kind][d] for d in datasets) / len(datasets)) < 1e-3
+                assert r['n'] == {d: n for d in datasets}, (name, r['n'])
+    first = params['seeds'][0]
+    for norm_file in ('attention.json', 'attention_other.json'):
+        shift = json.loads((repo / 'results' / 'eval' / f'tga_zsr-{first}' / norm_file).read_text())
+        assert set(shift) == set(params['evaluate']['attention']['datasets'])
+        assert {'adv_vs_clean', 'adv_vs_original', 'energy', 'pointing', 'pointing_inverse', 'chance'} <= set(shift['shapes'])
+    assert not (repo / 'results' / 'eval' / f"tga_zsr-{params['seeds'][1]}" / 'attention.json').exists()   # first seed only
+
+
+def test_summary_has_seeds_intervals_attacks_and_checklist(repo, params):
+    "results/summary.json: the seeds, mean ± std per method and attack, differences with 95 % intervals, the checklist."
+    S = json.loads((repo / 'results' / 'summary.json').read_text())
+    assert S['seeds'] == params['seeds'] and set(S['methods']) == set(params['methods'])
+    from tga_zsr.reporting import attack_label
+    labels = [attack_label(a) for a in params['evaluate']['attacks']]
+    for m, v in S['methods'].items():
+        assert set(v['clean']) == {'mean', 'std'} and set(v['robust']) == set(labels), (m, v)
+    assert {d['attack'] for d in S['differences']} == set(labels) | {'clean'}
+    for d in S['differences']:
+        lo, hi = d['ci95']
+        assert lo <= d['mean'] <= hi and d['a'] != d['b'], d
+    assert any(d['a'] == 'tga_zsr' for d in S['differences'])
+    checks = ['monotone_eps', 'large_eps_near_zero', 'more_steps_no_gain', 'apgd_le_pgd', 'blackbox_not_stronger', 'transfer_weaker']
+    assert set(S['checks']) == set(params['methods'])
+    for m, c in S['checks'].items():
+        want = [k for k in checks if not (m == params['checks']['transfer_source'] and k == 'transfer_weaker')]
+        assert sorted(c) == sorted(want) and all(isinstance(v, bool) for v in c.values()), (m, c)
 
 
 def test_figures_and_report(repo, params):
     figs = repo / 'results' / 'figures'
-    for name in ('tradeoff', 'per_dataset', 'attention_grid', 'attention_stats', 'training_curves'):
+    for name in ('tradeoff', 'per_dataset', 'attention_grid', 'attention_stats', 'training_curves', 'eps_sweep'):
         assert (figs / f'{name}.png').read_bytes()[:4] == b'\x89PNG', name
     report = (repo / 'results' / 'report.md').read_text()
     from tga_zsr.reporting import method_title
     for m in params['methods']: assert report.count(f'| {method_title(m)} |') >= 3, m   # robust, clean, attention tables
+    for section in ('Mean ± std over seeds', 'Differences between methods', 'Gradient-masking checklist'):
+        assert section in report, section
     datasets = params['evaluate']['datasets']
     assert f"| Method | {' | '.join(datasets)} | Average |" in report   # the columns in params.yaml's order
     for f in ('figures/tradeoff.png', 'figures/attention_grid.png', 'data/samples.png'): assert f'({f})' in report, f
@@ -106,8 +143,9 @@ def test_figures_and_report(repo, params):
 
 def test_dvc_metrics_show(repo, params):
     out = json.loads(run(['dvc', 'metrics', 'show', '--json'], repo).stdout)
-    files = {Path(p).name for rev in out.values() for p in rev['data']}
-    assert files == {f'{m}_pgd.json' for m in params['methods']}
+    files = {str(Path(p).relative_to('results')) for rev in out.values() for p in rev['data']}
+    want = {f'metrics/{m}-{s}/{m}_{a}.json' for m in params['methods'] for s in params['seeds'] for a, _ in _attacks_of(params, s)}
+    assert files == want | {'summary.json'}, files ^ (want | {'summary.json'})
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -122,7 +160,7 @@ def test_rerun_is_byte_identical(repo):
     "Commit the run, force one stage of each kind again: dvc.lock and the committed results keep their bytes."
     _commit(repo, 'smoke run')
     t0 = time.time()
-    stages = ['data', 'pretrain', 'finetune@tga_zsr', 'evaluate@tga_zsr', 'figures', 'report']
+    stages = ['data', 'pretrain', 'finetune@tga_zsr-1', 'evaluate@tga_zsr-0', 'checks@tga_zsr', 'figures', 'report']
     run(['dvc', 'repro', '--force', '--single-item', *stages], repo)
     TIMES[f'forced re-run of {len(stages)} stages'] = time.time() - t0
     assert run(['git', 'status', '--porcelain'], repo).stdout == '', run(['git', 'diff', '--stat'], repo).stdout
@@ -143,7 +181,8 @@ def test_one_method_change_invalidates_only_its_stages(repo):
     old = _edit_params(repo, lambda P: P['methods']['tga_zsr'].update(alpha=0.5))
     try:
         status = json.loads(run(['dvc', 'status', '--json'], repo).stdout)
-        assert set(status) == {'finetune@tga_zsr', 'figures', 'report'}, status
+        seeds = yaml.safe_load(old)['seeds']
+        assert set(status) == {*(f'finetune@tga_zsr-{k}' for k in seeds), 'figures', 'report'}, status
     finally:
         (repo / 'params.yaml').write_text(old)
     assert 'up to date' in run(['dvc', 'status'], repo).stdout
@@ -155,13 +194,15 @@ def test_experiment_reruns_only_its_method(repo):
     r = run(['dvc', 'exp', 'run', '-n', 'alpha-half', '-S', 'methods.tga_zsr.alpha=0.5'], repo)
     TIMES['dvc exp run'] = time.time() - t0
     ran = re.findall(r"Running stage '([^']+)'", r.stdout + r.stderr)
-    assert sorted(ran) == ['evaluate@tga_zsr', 'figures', 'finetune@tga_zsr', 'report'], ran
+    seeds = yaml.safe_load((repo / 'params.yaml').read_text())['seeds']
+    assert sorted(ran) == sorted(['checks@tga_zsr', 'figures', 'report'] + [f'{s}@tga_zsr-{k}' for s in ('finetune', 'evaluate')
+                                                                         for k in seeds]), ran
     rows = json.loads(run(['dvc', 'exp', 'show', '--json'], repo).stdout)
     exps = [e for row in rows for e in (row.get('experiments') or []) for e in (e.get('revs') or [])]
     exp = next(e for e in exps if e.get('name') == 'alpha-half')
     data = exp['data']
     assert data['params']['params.yaml']['data']['methods']['tga_zsr']['alpha'] == 0.5
-    assert 'results/metrics/tga_zsr/tga_zsr_pgd.json' in data['metrics'], sorted(data['metrics'])
+    assert 'results/metrics/tga_zsr-0/tga_zsr_pgd.json' in data['metrics'] and 'results/summary.json' in data['metrics'], sorted(data['metrics'])
     run(['git', 'checkout', '--', '.'], repo); run(['dvc', 'checkout'], repo)      # back to the committed run
     assert 'up to date' in run(['dvc', 'status'], repo).stdout
 

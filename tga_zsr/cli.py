@@ -302,7 +302,7 @@ def _cmd_evaluate(args) -> int:
                 'root': str(root), 'seed': args.seed, 'max_images': args.max_images, 'batch_size': args.batch_size,
                 'attacks': [a.as_dict() for a in attacks], 'precision': precision, 'tga_zsr_version': tga_zsr.__version__}
     paths = evaluation.write_metrics(results, out, meta=run_meta)
-    if shift is not None: paths.append(evaluation.write_attention_shift(shift, out, method))
+    if shift is not None: paths.append(evaluation.save_attention_shift(shift, out / f'{method}_attention.json'))
     if examples is not None:
         paths.append(evaluation.save_attention_examples(examples, out / f'{method}_attention_examples.safetensors'))
     for r in results:

@@ -27,9 +27,8 @@ from .losses import attention_distance
 __all__ = ['CORRECTNESS_FORMAT', 'batch_seed', 'correct_per_image', 'count_correct', 'check_dataset_name', 'has_masks',
            'evaluate', 'metrics_name', 'write_metrics', 'mask_energy', 'pointing_hits', 'localization_sums',
            'add_localization_sums', 'localization_scores', 'attention_shift', 'save_attention_shift',
-           'write_attention_shift', 'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attack_key',
-           'save_correctness', 'load_correctness', 'attention_examples', 'save_attention_examples',
-           'load_attention_examples']
+           'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attack_key', 'save_correctness',
+           'load_correctness', 'attention_examples', 'save_attention_examples', 'load_attention_examples']
 
 # %% ../nbs/10_evaluation.ipynb #092d2092
 def _moves_images(attack: AttackConfig) -> bool:
@@ -270,10 +269,6 @@ from .core import load_json
 def save_attention_shift(result: dict, path: str | os.PathLike) -> Path:
     "Write an `attention_shift` result to the JSON file `path` (atomically, sorted keys)."
     return save_json(result, path)
-
-def write_attention_shift(result: dict, out_dir: str | os.PathLike, method: str) -> Path:
-    "`save_attention_shift` to `<out_dir>/<method>_attention.json` (the CLI's file name)."
-    return save_attention_shift(result, Path(out_dir) / f'{_check_method_label(method)}_attention.json')
 
 def load_attention_shift(path: str | os.PathLike) -> dict:
     "An `attention_shift` result written by `save_attention_shift`."

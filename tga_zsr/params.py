@@ -19,12 +19,13 @@ from .losses import DISTANCES
 from .methods import METHODS
 from .training import TrainConfig, check_config
 from .pretrain import pretrain_clip
+from .robustness_checks import ChecklistConfig
 
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'PRETRAIN_FIXED', 'SANITY_FIELDS', 'PretrainParams', 'PIPELINE_TRAIN_FIELDS', 'TRAIN_OPTIONS',
-           'require_names', 'DataParams', 'ModelParams', 'AttentionParams', 'EvaluateParams', 'FiguresParams',
-           'train_overrides', 'StudyParams', 'validate_params', 'load_params', 'profiles', 'use_profile', 'configure',
-           'device_precision']
+           'require_names', 'DataParams', 'ModelParams', 'AttentionParams', 'EvalAttackParams', 'EvaluateParams',
+           'ChecksParams', 'FiguresParams', 'train_overrides', 'StudyParams', 'validate_params', 'load_params',
+           'profiles', 'use_profile', 'configure', 'device_precision']
 
 # %% ../nbs/13b_params.ipynb #61949703
 DATA_SOURCES = ('miniworld', 'paper')
@@ -89,10 +90,29 @@ class AttentionParams:
             require(getattr(self, k) in choices, k, f"must be one of {', '.join(choices)}, got {getattr(self, k)!r}")
 
 @dataclass
+class EvalAttackParams(AttackConfig):
+    """One entry of `evaluate.attacks`: an `attacks.AttackConfig` (what `as_dict` and `run` see) plus where it runs. A strong
+    attack may run on a fixed subset of each dataset (the first `max_images` of the same fixed-seed sample) and on the
+    models of some fine-tuning seeds only (standard AutoAttack on the seed-0 models, say)."""
+    max_images: int | None = None      # None: evaluate.max_images (every evaluated image)
+    seeds: list[int] | None = None     # None: every seed in `seeds`
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.max_images is None or self.max_images >= 1, 'max_images', f"must be an integer >= 1 or null, got {self.max_images!r}")
+        if self.seeds is not None: require(len(self.seeds) > 0, 'seeds', "must be a non-empty list of seeds or null (every seed)")
+
+    def attack(self) -> AttackConfig:
+        "The plain `AttackConfig`."
+        return AttackConfig(**self.as_dict())
+
+    def runs_on(self, seed: int) -> bool: return self.seeds is None or seed in self.seeds
+
+@dataclass
 class EvaluateParams:
     "`evaluate`: zero-shot clean and robust accuracy of every method's model."
     datasets: list[str]                # zero-shot datasets, in the report's column order
-    attacks: list[AttackConfig]        # the first is the main one (tables, figures); eps and step_size in 1/255 units
+    attacks: list[EvalAttackParams]    # the first is the main one (tables, figures); eps and step_size in 1/255 units
     max_images: int | None = None      # fixed-seed subsample per dataset (None: all test images)
     batch_size: int = 256
     num_workers: int = 0
@@ -105,13 +125,37 @@ class EvaluateParams:
         require(self.batch_size >= 1, 'batch_size', f"must be an integer >= 1, got {self.batch_size!r}")
         require(self.num_workers >= 0, 'num_workers', f"must be an integer >= 0, got {self.num_workers!r}")
         require(len(self.attacks) > 0, 'attacks', 'must be a non-empty list of attacks')
+        require(self.attacks[0].max_images is None and self.attacks[0].seeds is None, 'attacks[0]',
+                "is the main attack: it runs on every image of every model (no max_images or seeds)")
         seen = []
         for i, a in enumerate(self.attacks):
             require(a.as_dict() not in seen, f'attacks[{i}]', 'repeats an earlier attack'); seen.append(a.as_dict())
+            if a.max_images is not None and self.max_images is not None:
+                require(a.max_images <= self.max_images, f'attacks[{i}].max_images',
+                        f"({a.max_images}) must not exceed evaluate.max_images ({self.max_images}): the subset is taken from those images")
         att = self.attention
         if att.examples:
             require(att.example_dataset in att.datasets + self.datasets, 'attention.example_dataset',
                     f"must be one of evaluate.datasets, got {att.example_dataset!r}")
+
+@dataclass
+class ChecksParams:
+    "`checks`: the gradient-masking checklist (`robustness_checks.run_checklist`) on every method's first-seed model."
+    datasets: list[str] | None = None  # None: evaluate.datasets
+    max_images: int = 25               # the first images of each dataset's fixed-seed sample
+    batch_size: int = 256
+    transfer_source: str = 'clip'      # the model whose PGD examples transfer to the others (its own check is skipped)
+    checklist: dict[str, Any] = field(default_factory=dict)   # robustness_checks.ChecklistConfig options
+    def __post_init__(self):
+        require(self.max_images >= 1, 'max_images', f"must be an integer >= 1, got {self.max_images!r}")
+        require(self.batch_size >= 1, 'batch_size', f"must be an integer >= 1, got {self.batch_size!r}")
+        if self.datasets is not None: require_names(self.datasets, 'datasets')
+        checked('checklist', ChecklistConfig.from_dict, self.checklist)
+    def config(self, method: str) -> ChecklistConfig:
+        "The checklist of `method`: without the transfer check for the transfer source itself."
+        cfg = ChecklistConfig.from_dict(self.checklist)
+        if method != self.transfer_source: return cfg
+        return dataclasses.replace(cfg, checks=tuple(c for c in cfg.check_names() if c != 'transfer_weaker'))
 
 @dataclass
 class FiguresParams:
@@ -141,16 +185,33 @@ class StudyParams:
     methods: dict[str, Any]            # method name -> TrainConfig fields overriding `finetune` for that method
     evaluate: EvaluateParams
     profile: str = ''
-    seed: int = 0
+    seed: int = 0                      # pretraining, the evaluation images and the attacks' random starts
+    seeds: list[int] = field(default_factory=lambda: [0])   # fine-tuning: every method is fine-tuned once per seed
     device: str = 'auto'               # 'auto', 'cpu' or 'cuda[:N]'
     cpu_threads: int = 0               # CPU threads per stage (0: all cores; stages run one at a time)
     nproc_per_node: int = 1            # fine-tuning processes (> 1: the stage runs torchrun)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     figures: FiguresParams = field(default_factory=FiguresParams)
+    checks: ChecksParams = field(default_factory=ChecksParams)
 
     def __post_init__(self):
         for k, lo in (('seed', 0), ('cpu_threads', 0), ('nproc_per_node', 1)):
             require(getattr(self, k) >= lo, k, f"must be an integer >= {lo}, got {getattr(self, k)!r}")
+        require(len(self.seeds) > 0, 'seeds', "must be a non-empty list of fine-tuning seeds, e.g. [0, 1, 2]")
+        dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        require(not dup, 'seeds', f"repeats {dup[0]!r}: each seed names one fine-tuning run" if dup else '')
+        for i, s in enumerate(self.seeds): require(s >= 0, f'seeds[{i}]', f"must be an integer >= 0, got {s!r}")
+        for i, a in enumerate(self.evaluate.attacks):
+            for s in a.seeds or []:
+                require(s in self.seeds, f'evaluate.attacks[{i}].seeds', f"{s!r} is not one of `seeds` ({self.seeds})")
+            if a.max_images is not None and self.data.source == 'miniworld':
+                n = self.data.world.n_per_suite_dataset
+                require(a.max_images <= n, f'evaluate.attacks[{i}].max_images',
+                        f"({a.max_images}) exceeds the {n} images of each miniature dataset (data.world.n_per_suite_dataset)")
+        if self.data.source == 'miniworld':
+            require(self.checks.max_images <= self.data.world.n_per_suite_dataset, 'checks.max_images',
+                    f"({self.checks.max_images}) exceeds the {self.data.world.n_per_suite_dataset} images of each miniature dataset")
+        if self.checks.datasets: self._check_datasets(self.checks.datasets, 'checks.datasets')
         if self.model.pretrained is not None:
             changed = [k for k, v in self.pretrain.options().items() if v != getattr(PretrainParams(), k)]
             require(not changed, f"pretrain.{changed[0] if changed else ''}",
@@ -168,6 +229,8 @@ class StudyParams:
             self._check_datasets(self.evaluate.attention.datasets, 'evaluate.attention.datasets', masks=True)
         for i, m in enumerate(self.figures.attention_methods):
             require(m in self.methods, f'figures.attention_methods[{i}]', f"{m!r} is not one of the methods in `methods`")
+        require(self.checks.transfer_source in self.methods, 'checks.transfer_source',
+                f"{self.checks.transfer_source!r} is not one of the methods in `methods`")
 
     def _check_method(self, m: str):
         "The method's complete `TrainConfig` (`training.check_config`); an error names the key that set the bad value."
@@ -197,14 +260,23 @@ class StudyParams:
         "The `TrainConfig` of the shared `finetune` options (every other field at its default): what the methods share."
         return TrainConfig(**self.finetune)
 
-    def train_config(self, method: str, root: str | os.PathLike = '.') -> TrainConfig:
-        "The `training.TrainConfig` of `method`: its options plus what the pipeline sets (architecture, paths, seed, device)."
+    def check_run(self, method: str, seed: int | None = None) -> int:
+        "`seed` (default: the first of `seeds`) after checking that `method` and `seed` are in `params.yaml`."
         if method not in self.methods:
             raise TGAZSRError(f"params.yaml: methods.{method} is missing (the stage was called for a method not in `methods`)")
-        p = stage_paths(method); root = Path(root)
+        seed = self.seeds[0] if seed is None else seed
+        if seed not in self.seeds:
+            raise TGAZSRError(f"params.yaml: seed {seed} is not one of `seeds` ({self.seeds}) (the stage was called for another seed)")
+        return seed
+
+    def train_config(self, method: str, root: str | os.PathLike = '.', seed: int | None = None) -> TrainConfig:
+        """The `training.TrainConfig` of `method`'s fine-tuning run with `seed` (default: the first of `seeds`): its options
+        plus what the pipeline sets (architecture, paths, seed, device)."""
+        seed = self.check_run(method, seed)
+        p = stage_paths(method, seed); root = Path(root)
         return TrainConfig(**self.train_options(method), method=method, arch=self.model.arch,
                            pretrained=str(root / p['pretrained']), data_root=str(root / DATA_DIR), out=str(root / p['model_dir']),
-                           seed=self.seed, device=self.device, resume=True, progress=True)
+                           seed=seed, device=self.device, resume=True, progress=True)
 
 # %% ../nbs/13b_params.ipynb #087735c8
 def validate_params(mapping: Mapping, fname: str = PARAMS_FILE) -> StudyParams:

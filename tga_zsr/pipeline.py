@@ -10,39 +10,53 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 # %% auto #0
-__all__ = ['DATA_DIR', 'PARAMS_FILE', 'PROFILES_DIR', 'NOTEBOOKS_DIR', 'STAGES', 'PER_METHOD_STAGES', 'LOCK_FILE',
-           'VERIFY_TOLERANCE', 'DATA_STAGES', 'stage_paths', 'notebook_paths', 'world_on_disk', 'sha256_file', 'dvc',
-           'make_data', 'relative_to', 'repo_lock', 'switch_profile', 'compare_metrics', 'verify', 'run_stage',
-           'stage_name', 'params_fingerprint', 'StageFailed', 'normalize_executed_notebook', 'interrupted_message',
-           'main']
+__all__ = ['DATA_DIR', 'PARAMS_FILE', 'PROFILES_DIR', 'NOTEBOOKS_DIR', 'STAGES', 'PER_METHOD_STAGES', 'PER_SEED_STAGES',
+           'LOCK_FILE', 'VERIFY_TOLERANCE', 'DATA_STAGES', 'run_label', 'stage_paths', 'notebook_paths',
+           'world_on_disk', 'sha256_file', 'dvc', 'make_data', 'relative_to', 'repo_lock', 'switch_profile',
+           'compare_metrics', 'verify', 'run_stage', 'stage_name', 'params_fingerprint', 'StageFailed',
+           'normalize_executed_notebook', 'interrupted_message', 'main']
 
 # %% ../nbs/13_pipeline.ipynb #f5e3a8f4
 DATA_DIR = 'data'
 PARAMS_FILE = 'params.yaml'
 PROFILES_DIR = 'profiles'
 NOTEBOOKS_DIR = 'pipeline'
-STAGES = ('data', 'pretrain', 'finetune', 'evaluate', 'figures', 'report')
-PER_METHOD_STAGES = ('finetune', 'evaluate')
+STAGES = ('data', 'pretrain', 'finetune', 'evaluate', 'checks', 'figures', 'report')
+PER_METHOD_STAGES = ('finetune', 'evaluate', 'checks')
+PER_SEED_STAGES = ('finetune', 'evaluate')       # one stage per method and fine-tuning seed (`finetune@tga_zsr-1`)
 
-def stage_paths(method: str | None = None) -> dict[str, str]:
-    "Every output path of the pipeline (relative to the repository root); per-method paths need `method`."
+def run_label(method: str, seed: int) -> str:
+    "One fine-tuning run: `<method>-<seed>`, as DVC names its stages and as its files are named."
+    return f'{method}-{seed}'
+
+def stage_paths(method: str | None = None, seed: int | None = None) -> dict[str, str]:
+    """Every output path of the pipeline (relative to the repository root): the shared ones; with `method`, the method's
+    checklist; with `method` and `seed`, that fine-tuning run's model, curve, metrics and evaluation files."""
     p = {'data_summary': 'results/data/summary.json', 'data_samples': 'results/data/samples.png',
          'pretrained': 'models/pretrained.safetensors', 'pretrain_dir': 'results/pretrain',
-         'figures': 'results/figures', 'report': 'results/report.md',
-         'metrics_root': 'results/metrics', 'eval_root': 'results/eval', 'curves_root': 'results/curves'}
+         'figures': 'results/figures', 'report': 'results/report.md', 'summary': 'results/summary.json',
+         'metrics_root': 'results/metrics', 'eval_root': 'results/eval', 'curves_root': 'results/curves',
+         'checks_root': 'results/checks', 'budget': 'results/budget/budget.json'}
     if method is not None:
-        p.update({'model_dir': f'models/{method}', 'model': f'models/{method}/model.safetensors',
-                  'curve': f'results/curves/{method}.tsv', 'metrics': f'results/metrics/{method}',
-                  'eval': f'results/eval/{method}', 'attention': f'results/eval/{method}/attention.json',
-                  'examples': f'results/eval/{method}/examples.safetensors', 'meta': f'results/eval/{method}/meta.json'})
+        p['checks'] = f'results/checks/{method}.json'
+    if method is not None and seed is not None:
+        r = run_label(method, seed)
+        p.update({'model_dir': f'models/{r}', 'model': f'models/{r}/model.safetensors',
+                  'curve': f'results/curves/{r}.tsv', 'metrics': f'results/metrics/{r}',
+                  'eval': f'results/eval/{r}', 'attention': f'results/eval/{r}/attention.json',
+                  'attention_other': f'results/eval/{r}/attention_other.json',   # under the other token norm
+                  'examples': f'results/eval/{r}/examples.safetensors', 'meta': f'results/eval/{r}/meta.json'})
     return p
 
-def notebook_paths(stage: str, method: str | None = None) -> tuple[str, str]:
+def notebook_paths(stage: str, method: str | None = None, seed: int | None = None) -> tuple[str, str]:
     "The stage's input notebook and where its executed copy goes."
     if stage not in STAGES: raise _err(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     if (stage in PER_METHOD_STAGES) != (method is not None):
         raise _err(f"stage {stage!r} {'needs' if stage in PER_METHOD_STAGES else 'takes no'} --method")
-    out = f'results/notebooks/{stage}/{method}.ipynb' if method else f'results/notebooks/{stage}.ipynb'
+    if (stage in PER_SEED_STAGES) != (seed is not None):
+        raise _err(f"stage {stage!r} {'needs' if stage in PER_SEED_STAGES else 'takes no'} --seed")
+    run = run_label(method, seed) if seed is not None else method
+    out = f'results/notebooks/{stage}/{run}.ipynb' if method else f'results/notebooks/{stage}.ipynb'
     return f'{NOTEBOOKS_DIR}/{stage}.ipynb', out
 
 def _err(msg: str) -> Exception:
@@ -230,38 +244,38 @@ def verify(root: str | os.PathLike = '.', tolerance: float = VERIFY_TOLERANCE, r
 
 # %% ../nbs/13_pipeline.ipynb #4d3d6900
 def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '.', params_path: str = PARAMS_FILE,
-              log_output: bool = True, kernel: str = 'python3') -> Path:
+              log_output: bool = True, kernel: str = 'python3', seed: int | None = None) -> Path:
     "Execute the stage notebook with papermill; raise `StageFailed` with the notebook's error message on failure."
     # jsonschema imports the optional IRI checker `rfc3987_syntax` when installed, which compiles a grammar at import
     # (~2 s, more than the rest of papermill); nbformat never validates IRIs, so skip it: every stage starts faster.
     sys.modules.setdefault('rfc3987_syntax', None)
     import papermill as pm
     root = Path(root).resolve()
-    nb_in, nb_out = notebook_paths(stage, method)
+    nb_in, nb_out = notebook_paths(stage, method, seed)
     if not (root / nb_in).is_file(): raise _err(f"stage notebook not found: {root / nb_in}")
     if stage in DATA_STAGES and not (root / DATA_DIR).is_dir(): raise _err(_no_data_message(root, params_path))
     before = params_fingerprint(root, params_path)
     (root / nb_out).parent.mkdir(parents=True, exist_ok=True)
-    parameters = {'params_path': params_path, **({'method': method} if method else {})}
+    parameters = {'params_path': params_path, **({'method': method} if method else {}), **({'seed': seed} if seed is not None else {})}
     os.environ.setdefault('JUPYTER_PREFER_ENV_PATH', '1')   # the venv's kernel before any user-level one
     try:
         pm.execute_notebook(str(root / nb_in), str(root / nb_out), parameters=parameters, kernel_name=kernel,
                             cwd=str(root), log_output=log_output, progress_bar=False)
     except pm.PapermillExecutionError as e:
-        raise StageFailed(stage, method, e.ename, e.evalue, root / nb_out) from None
+        raise StageFailed(stage, method, e.ename, e.evalue, root / nb_out, seed) from None
     finally:
         if (root / nb_out).is_file(): normalize_executed_notebook(root / nb_out)
     changed = [f for f, h in params_fingerprint(root, params_path).items() if h != before[f]]
     if changed:
-        raise _err(f"{changed[0]} changed while stage {stage_name(stage, method)} ran, so its outputs may come from the old "
+        raise _err(f"{changed[0]} changed while stage {stage_name(stage, method, seed)} ran, so its outputs may come from the old "
                    f"values; the stage fails so that DVC records nothing: run `dvc repro` again")
     return root / nb_out
 
-DATA_STAGES = ('pretrain', 'finetune', 'evaluate')   # the stages that read data/ (the data stage makes it)
+DATA_STAGES = ('pretrain', 'finetune', 'evaluate', 'checks')   # the stages that read data/ (the data stage makes it)
 
-def stage_name(stage: str, method: str | None = None) -> str:
-    "How messages and DVC name a stage: `finetune@tga_zsr`, `report`."
-    return f"{stage}@{method}" if method else stage
+def stage_name(stage: str, method: str | None = None, seed: int | None = None) -> str:
+    "How messages and DVC name a stage: `finetune@tga_zsr-1`, `checks@fare`, `report`."
+    return f"{stage}@{run_label(method, seed) if seed is not None else method}" if method else stage
 
 def params_fingerprint(root: str | os.PathLike, params_path: str = PARAMS_FILE) -> dict[str, str | None]:
     "SHA-256 of `params.yaml` and the stage's own parameters file (None when missing): compared before and after a stage."
@@ -280,11 +294,11 @@ def _no_data_message(root: Path, params_path: str) -> str:
 
 class StageFailed(Exception):
     "A stage notebook raised: carries the exception's name and message and the executed notebook's path."
-    def __init__(self, stage, method, ename, evalue, notebook):
-        self.stage, self.method, self.ename, self.evalue, self.notebook = stage, method, ename, evalue, Path(notebook)
+    def __init__(self, stage, method, ename, evalue, notebook, seed=None):
+        self.stage, self.method, self.ename, self.evalue, self.notebook, self.seed = stage, method, ename, evalue, Path(notebook), seed
         super().__init__(self.message())
     def message(self) -> str:
-        name = stage_name(self.stage, self.method)
+        name = stage_name(self.stage, self.method, self.seed)
         what = self.evalue if self.ename == 'TGAZSRError' else f"{self.ename}: {self.evalue}"
         return f"stage {name} failed: {what} (executed notebook kept at {self.notebook})"
 
@@ -320,12 +334,12 @@ def normalize_executed_notebook(path: str | os.PathLike) -> None:
 _QUIET_LOG_PREFIXES = ('Executing Cell', 'Ending Cell', 'Executing notebook with kernel', 'Input Notebook', 'Output Notebook',
                        'Working directory')
 
-def interrupted_message(stage: str, method: str | None = None, root: str | os.PathLike = '.') -> str:
+def interrupted_message(stage: str, method: str | None = None, root: str | os.PathLike = '.', seed: int | None = None) -> str:
     "The one line a Ctrl-C of a stage ends with: what was kept, and what `dvc repro` does next."
-    name = stage_name(stage, method)
+    name = stage_name(stage, method, seed)
     if stage == 'finetune':
         from tga_zsr.stage_finetune import checkpoint_step
-        step = checkpoint_step(Path(root) / stage_paths(method)['model_dir'])
+        step = checkpoint_step(Path(root) / stage_paths(method, seed)['model_dir'])
         if step is not None:
             return f"interrupted: stage {name} stopped; its last checkpoint (step {step}) is kept and `dvc repro` resumes from it"
         return f"interrupted: stage {name} stopped before its first checkpoint; `dvc repro` starts it again"
@@ -333,7 +347,7 @@ def interrupted_message(stage: str, method: str | None = None, root: str | os.Pa
 
 def _interrupted(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not interrupt the one line
-    if args.cmd == 'stage': print(interrupted_message(args.stage, args.method), file=sys.stderr)
+    if args.cmd == 'stage': print(interrupted_message(args.stage, args.method, seed=args.seed), file=sys.stderr)
     else: print(f"interrupted: {args.cmd} stopped", file=sys.stderr)
     return 130
 
@@ -357,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser('stage', help='run one stage notebook with papermill (what dvc.yaml calls)')
     s.add_argument('stage', choices=STAGES)
     s.add_argument('--method', default=None)
+    s.add_argument('--seed', type=int, default=None, help='the fine-tuning seed (finetune and evaluate stages)')
     s.add_argument('--params', default=PARAMS_FILE)
     s.add_argument('--quiet', action='store_true', help="do not stream the notebook's output")
     s = sub.add_parser('validate', help='check a parameters file')
@@ -377,9 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_params(args.path); print(f"{args.path}: ok")
         else:
             t0 = time.time()
-            out = run_stage(args.stage, args.method, params_path=args.params, log_output=not args.quiet)
-            _log_stage_time(stage_name(args.stage, args.method), time.time() - t0)
-            print(f"stage {args.stage}{'@' + args.method if args.method else ''}: done in {time.time() - t0:.1f}s ({out})",
+            out = run_stage(args.stage, args.method, params_path=args.params, log_output=not args.quiet, seed=args.seed)
+            _log_stage_time(stage_name(args.stage, args.method, args.seed), time.time() - t0)
+            print(f"stage {stage_name(args.stage, args.method, args.seed)}: done in {time.time() - t0:.1f}s ({out})",
                   file=sys.stderr)
     except KeyboardInterrupt:
         return _interrupted(args)

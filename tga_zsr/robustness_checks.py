@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn as nn
-import torchattacks
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .core import Registry, TGAZSRError, autocast, check_precision, from_255, load_json, resolve_device, save_json
-from .attacks import AttackConfig, _FloatLogits, _check_budget, _check_precision, _run_torchattacks
+from .attacks import AttackConfig
 from .models import ClipModel, ZeroShotClassifier, classifier_weights
 from .datasets import get_eval_set
 from .evaluation import batch_seed
@@ -24,7 +22,7 @@ from .evaluation import batch_seed
 # %% auto #0
 __all__ = ['CHECKS', 'noise_tolerance', 'ChecklistConfig', 'monotone_eps', 'large_eps_near_zero', 'more_steps_no_gain',
            'apgd_le_pgd', 'blackbox_not_stronger', 'transfer_weaker', 'evaluate_checks', 'checklist_attacks',
-           'square_attack', 'run_checklist', 'save_checklist', 'load_checklist', 'check_flags', 'plot_eps_sweep']
+           'run_checklist', 'save_checklist', 'load_checklist', 'check_flags']
 
 # %% ../nbs/10a_robustness_checks.ipynb #36ec05a7
 def noise_tolerance(a: float, b: float, n: int, z: float = 2.0, floor: float = 1.0) -> float:
@@ -53,7 +51,7 @@ class ChecklistConfig:
     large_eps: float = 255.0             # 'very large': an L-inf ball of 255/255 holds every image
     steps: tuple = (10, 100)            # PGD steps: few, many (at the main eps and step size)
     apgd_steps: int = 100               # APGD-CE + APGD-DLR iterations (the paper's 'AutoAttack')
-    square_queries: int = 1000          # Square attack queries per image
+    square_queries: int = 1000          # Square attack queries per image (the 'square' attack's steps)
     checks: tuple | None = None         # None: every check in `CHECKS`
     z: float = 2.0                      # noise: z binomial standard errors ...
     floor: float = 1.0                  # ... and at least `floor` points
@@ -207,7 +205,7 @@ def _needs(config: ChecklistConfig) -> set[str]:
     return {need for c in config.check_names() for need in CHECKS[c].needs}
 
 def checklist_attacks(main_attack: AttackConfig, config: ChecklistConfig) -> tuple[dict[str, AttackConfig], dict[float, AttackConfig]]:
-    "The registry attacks the checklist runs: `({'pgd': main, 'pgd<k>': ..., 'apgd': ...}, {eps: PGD at eps})`."
+    "The registry attacks the checklist runs: `({'pgd': main, 'pgd<k>': ..., 'apgd': ..., 'square': ...}, {eps: PGD at eps})`."
     needs = _needs(config)
     attacks = {'pgd': main_attack}
     if 'pgd_steps' in needs:
@@ -215,24 +213,13 @@ def checklist_attacks(main_attack: AttackConfig, config: ChecklistConfig) -> tup
             attacks[f'pgd{k}'] = AttackConfig('pgd', norm=main_attack.norm, eps=main_attack.eps, steps=k, step_size=main_attack.step_size)
     if 'apgd' in needs:
         attacks['apgd'] = AttackConfig('apgd', norm=main_attack.norm, eps=main_attack.eps, steps=config.apgd_steps, step_size=main_attack.step_size)
+    if 'square' in needs:   # a black-box random search: `steps` counts queries, the step size is unused
+        attacks['square'] = AttackConfig('square', norm=main_attack.norm, eps=main_attack.eps, steps=config.square_queries, step_size=main_attack.step_size)
     # the sweep keeps the main attack's steps and step/eps ratio, so every budget gets the same relative search
     sweep = {e: AttackConfig('pgd', norm=main_attack.norm, eps=e, steps=main_attack.steps,
                              step_size=main_attack.step_size * e / main_attack.eps)
              for e in (config.sweep() if 'eps_sweep' in needs else ())}
     return attacks, sweep
-
-# %% ../nbs/10a_robustness_checks.ipynb #ccf8523c
-def square_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, n_queries: int = 1000,
-                  norm: str = 'linf', seed: int = 0, precision: str | None = None) -> torch.Tensor:
-    "The Square attack (Andriushchenko et al. 2020; torchattacks, margin loss, p_init 0.8): a black-box random search, no gradients."
-    _check_budget(eps, 0., 0, norm)
-    _check_precision(precision, images.device)
-    if norm != 'linf': raise TGAZSRError(f"the checklist's Square attack is L-inf only, got norm {norm!r}")
-    images = images.detach()
-    if eps == 0 or n_queries == 0: return images.clone()
-    atk = torchattacks.Square(_FloatLogits(classifier, precision), norm='Linf', eps=eps, n_queries=int(n_queries),
-                              n_restarts=1, p_init=0.8, loss='margin', resc_schedule=True, seed=seed)
-    return _run_torchattacks(classifier, [atk], images, labels)
 
 # %% ../nbs/10a_robustness_checks.ipynb #5fa39ed1
 def _check_main_attack(a) -> AttackConfig:
@@ -299,7 +286,7 @@ def _checklist_one(clip, source, name, es, attacks, sweep, needs, config, main_a
     unique = {}
     for key, a in [*attacks.items(), *sweep.items()]: unique.setdefault(tuple(a.as_dict().items()), a)
     correct = {k: 0 for k in unique}
-    extra = {k: 0 for k in ('clean', 'square', 'transfer') if k == 'clean' or k in needs}
+    extra = {k: 0 for k in ('clean', 'transfer') if k == 'clean' or k in needs}
     n = 0
     for b, batch in enumerate(DataLoader(es.dataset, batch_size=batch_size, shuffle=False)):
         x, y = batch[0].to(device), batch[1].to(device)
@@ -310,9 +297,6 @@ def _checklist_one(clip, source, name, es, attacks, sweep, needs, config, main_a
         for k, a in unique.items():
             if a.eps == 0: correct[k] += clean_ok; continue
             correct[k] += _correct(classifier, a.run(classifier, x, y, n_classes=n_classes, seed=s, precision=precision), y, device, precision)
-        if 'square' in needs:
-            adv = square_attack(classifier, x, y, from_255(main_attack.eps), config.square_queries, seed=s, precision=precision)
-            extra['square'] += _correct(classifier, adv, y, device, precision)
         if 'transfer' in needs:
             adv = main_attack.run(source_classifier, x, y, n_classes=n_classes, seed=s, precision=precision)
             extra['transfer'] += _correct(classifier, adv, y, device, precision)
@@ -342,22 +326,3 @@ def load_checklist(path: str | os.PathLike) -> dict:
 def check_flags(result: Mapping) -> dict[str, bool]:
     "`{check: passed}` of a checklist result (the `checks` entry of `results/summary.json`)."
     return {k: bool(v['pass']) for k, v in result['checks'].items()}
-
-# %% ../nbs/10a_robustness_checks.ipynb #d460cc5b
-def plot_eps_sweep(sweeps: Mapping[str, Mapping[float, float]], path, paper_eps: Sequence[float] = (1, 4), title: str = '') -> Path:
-    "Robust accuracy vs eps (1/255 units, symmetric-log axis), one line per method; dotted lines at the paper's budgets."
-    from tga_zsr.reporting import _new_figure, _palette, _save, method_title
-    if not sweeps: raise TGAZSRError("plot_eps_sweep needs at least one method's sweep")
-    fig, axes = _new_figure(5.6, 3.8); ax = axes[0, 0]
-    pal = _palette(list(sweeps))
-    for m, s in sweeps.items():
-        pts = sorted((float(e), float(a)) for e, a in s.items())
-        ax.plot([e for e, _ in pts], [a for _, a in pts], marker='o', ms=4, color=pal[m], label=method_title(m))
-    for e in paper_eps: ax.axvline(e, color='gray', ls=':', lw=1)
-    ticks = sorted({float(e) for s in sweeps.values() for e in s} | {float(e) for e in paper_eps})
-    ax.set_xscale('symlog', linthresh=1); ax.set_xticks(ticks); ax.set_xticklabels([f'{e:g}' for e in ticks], fontsize=7)
-    ax.set_xlim(0, ticks[-1] * 1.2); ax.minorticks_off()
-    ax.set_xlabel('ε (1/255), dotted: the paper\'s budgets'); ax.set_ylabel('robust accuracy, average (%)')
-    ax.set_ylim(-2, 102); ax.grid(alpha=0.3); ax.legend(fontsize=7, loc='best')
-    ax.set_title(title or 'Robust accuracy vs attack budget (PGD)', fontsize=10)
-    return _save(fig, path)

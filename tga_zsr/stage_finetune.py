@@ -106,12 +106,14 @@ def _torchrun_train(cfg, nproc: int) -> Path:
     if r.returncode != 0: raise TGAZSRError(f"multi-process fine-tuning failed (exit {r.returncode}): {' '.join(cmd)}")
     return Path(cfg.out) / 'model.safetensors'
 
-def stage_finetune(params: StudyParams, method: str, root: str | os.PathLike = '.') -> dict:
-    "Fine-tune `method` into `models/<method>/` and write its curve `results/curves/<method>.tsv`."
+def stage_finetune(params: StudyParams, method: str, seed: int | None = None, root: str | os.PathLike = '.') -> dict:
+    """Fine-tune `method` with fine-tuning seed `seed` (default: the first of `seeds`) into `models/<method>-<seed>/` and
+    write its curve `results/curves/<method>-<seed>.tsv`."""
     from tga_zsr.training import train
     from tga_zsr.core import write_tsv
-    root = Path(root); p = stage_paths(method)
-    cfg = params.train_config(method, root)          # an unknown method fails here, naming it
+    seed = params.check_run(method, seed)             # an unknown method or seed fails here, naming it
+    root = Path(root); p = stage_paths(method, seed)
+    cfg = params.train_config(method, root, seed)
     device = configure(params)
     device_precision(f'methods.{method}.precision' if 'precision' in params.methods[method] else 'finetune.precision',
                      cfg.precision, device)   # fp16 on a CPU: fails here, naming the key, before the run folder is touched
@@ -124,5 +126,5 @@ def stage_finetune(params: StudyParams, method: str, root: str | os.PathLike = '
     # folder must hold the same bytes on every identical re-run (dvc.lock records its hash)
     shutil.rmtree(root / p['model_dir'] / 'dvclive', ignore_errors=True)
     summary = load_json(root / p['model_dir'] / 'train_summary.json')
-    return {'method': method, 'model': relative_to(path, root), 'resumed': resumed,
+    return {'method': method, 'seed': seed, 'model': relative_to(path, root), 'resumed': resumed,
             'steps': summary.get('steps'), 'final': {k: v[-1] for k, v in curves.items() if v and k != 'step'}}
