@@ -62,7 +62,7 @@ def test_profile_switch_refused_while_a_dvc_command_holds_the_lock(bare):
 
 def test_stage_without_data_names_the_data_stage(bare):
     "Item 6c: a stage run by hand without data/ names what makes it (the miniature world: the data stage, not prepare-data)."
-    r = run([*PIPELINE, 'stage', 'finetune', '--method', 'tga_zsr'], bare, check=False)
+    r = run([*PIPELINE, 'stage', 'finetune', '--method', 'tga_zsr', '--seed', '0'], bare, check=False)
     assert r.returncode == 2
     assert _error_lines(r) == [f"error: {bare.resolve() / 'data'} does not exist: the `data` stage generates the miniature "
                                f"world (`dvc repro data`, or `dvc repro` for the whole study)"], r.stdout + r.stderr
@@ -128,9 +128,9 @@ def test_inputs_changed_under_a_running_pipeline_are_never_recorded(smoke):
     "Item 1, the issue's reproduction: a profile switch during `dvc repro` is refused; params.yaml edited meanwhile fails the stage."
     lock_before = (smoke / 'dvc.lock').read_text()
     old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=60, checkpoint_every=1))
-    model = smoke / 'models' / 'tga_zsr'
+    model = smoke / 'models' / 'tga_zsr-0'
     try:
-        p = _start(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr'], smoke)
+        p = _start(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr-0'], smoke)
         _wait_for(lambda: (model / 'dvclive').is_dir(), proc=p)     # the stage's notebook is training
         r = run([*PIPELINE, 'profile', 'smoke', '--force'], smoke, check=False)
         assert r.returncode == 2 and len(_error_lines(r)) == 1, r.stdout + r.stderr
@@ -140,7 +140,7 @@ def test_inputs_changed_under_a_running_pipeline_are_never_recorded(smoke):
         out, err = p.communicate(timeout=600)
         assert p.returncode != 0
         lines = [l for l in (out + err).splitlines() if l.startswith('error: ')]
-        assert lines == ['error: params.yaml changed while stage finetune@tga_zsr ran, so its outputs may come from the '
+        assert lines == ['error: params.yaml changed while stage finetune@tga_zsr-0 ran, so its outputs may come from the '
                          'old values; the stage fails so that DVC records nothing: run `dvc repro` again'], out[-3000:] + err[-3000:]
         assert (smoke / 'dvc.lock').read_text() == lock_before        # nothing recorded
     finally:
@@ -153,10 +153,10 @@ def test_inputs_changed_under_a_running_pipeline_are_never_recorded(smoke):
 def test_ctrl_c_of_a_stage_ends_with_one_line(smoke):
     "Item 4 (pipeline side): Ctrl-C of a fine-tuning stage: exit 130, one line naming the kept checkpoint, no traceback."
     old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=400, checkpoint_every=1))
-    model = smoke / 'models' / 'tga_zsr'
+    model = smoke / 'models' / 'tga_zsr-0'
     try:
         shutil.rmtree(model)
-        p = _start([*PIPELINE, 'stage', 'finetune', '--method', 'tga_zsr'], smoke)
+        p = _start([*PIPELINE, 'stage', 'finetune', '--method', 'tga_zsr', '--seed', '0'], smoke)
         _wait_for(lambda: (model / 'checkpoints' / 'last.json').is_file(), proc=p)
         time.sleep(1)
         os.killpg(p.pid, signal.SIGINT)
@@ -165,7 +165,7 @@ def test_ctrl_c_of_a_stage_ends_with_one_line(smoke):
         assert 'Traceback' not in out + err, err[-4000:]
         step = json.loads((model / 'checkpoints' / 'last.json').read_text())['step']
         lines = [l for l in err.splitlines() if l.startswith('interrupted: ')]
-        assert lines == [f'interrupted: stage finetune@tga_zsr stopped; its last checkpoint (step {step}) is kept and '
+        assert lines == [f'interrupted: stage finetune@tga_zsr-0 stopped; its last checkpoint (step {step}) is kept and '
                          f'`dvc repro` resumes from it'], err[-3000:]
     finally:
         (smoke / 'params.yaml').write_bytes(old)
@@ -177,11 +177,11 @@ def test_ctrl_c_of_a_stage_ends_with_one_line(smoke):
 @pytest.mark.slow
 def test_corrupt_run_state_restarts_cleanly(smoke, state):
     "Item 3: a truncated run-state file is named in one line and the run starts again from scratch, to the same model."
-    model = smoke / 'models' / 'tga_zsr'
+    model = smoke / 'models' / 'tga_zsr-0'
     weights = (model / 'model.safetensors').read_bytes()   # (dvclive/, the fourth state file, is removed once a run finishes)
     f = model / state
     os.truncate(f, min(1000, f.stat().st_size // 2))
-    r = run(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr'], smoke)
+    r = run(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr-0'], smoke)
     assert f'{state} is unreadable (' in r.stdout + r.stderr and 'starting this run again from scratch' in r.stdout + r.stderr
     assert (model / 'model.safetensors').read_bytes() == weights                # the same model, byte for byte
     run(['dvc', 'repro'], smoke)

@@ -29,7 +29,7 @@ def attack_key(result: Mapping) -> str:
     return attack_label(result['attack'])
 
 def _per_seed(params: StudyParams, root: Path) -> tuple[dict[str, list[dict]], str]:
-    "`{method: [every result of every seed, seeds in params order]}` and the main attack's label."
+    "`{method: [every result of every seed, attacks and seeds in params order]}` and the main attack's label."
     from tga_zsr.reporting import load_metrics, attack_label
     methods, order = list(params.methods), {s: i for i, s in enumerate(params.seeds)}
     results = [r for r in load_metrics(root / stage_paths()['metrics_root'])
@@ -37,7 +37,9 @@ def _per_seed(params: StudyParams, root: Path) -> tuple[dict[str, list[dict]], s
     main = attack_label(params.evaluate.attacks[0].as_dict())
     if not any(attack_key(r) == main for r in results):
         raise TGAZSRError(f"no metrics for the main attack {main}; run the evaluate stages first")
-    per_seed = {m: sorted((r for r in results if r['method'] == m), key=lambda r: order[r.get('seed', params.seeds[0])])
+    attacks = {attack_label(a.as_dict()): i for i, a in enumerate(params.evaluate.attacks)}   # the main attack first
+    per_seed = {m: sorted((r for r in results if r['method'] == m),
+                          key=lambda r: (attacks.get(attack_key(r), len(attacks)), order[r.get('seed', params.seeds[0])]))
                 for m in methods}
     return {m: rs for m, rs in per_seed.items() if rs}, main
 
@@ -65,7 +67,7 @@ def _budget(params: StudyParams, root: Path) -> dict | None:
     from tga_zsr.budget import load_budget
     f = root / stage_paths()['budget']
     b = load_budget(f) if f.is_file() else None
-    return b if b and b.get('profile') == params.profile else None
+    return b if b and b['runs'] and b['provenance'].get('profile') == params.profile else None
 
 def stage_figures(params: StudyParams, root: str | os.PathLike = '.') -> dict[str, str]:
     "Write every figure under `results/figures/`; returns {file name: title} of those written."
@@ -109,7 +111,7 @@ def stage_figures(params: StudyParams, root: str | os.PathLike = '.') -> dict[st
     budget = _budget(params, root)
     if budget:
         from tga_zsr.budget import budget_curves
-        R.plot_budget(budget_curves(budget), figdir / BUDGET, title=f"Accuracy vs fine-tuning steps (seed {budget['seed']})")
+        R.plot_budget(budget_curves(budget), figdir / BUDGET, title=f"Accuracy vs fine-tuning steps (seed {budget['provenance'].get('seed')})")
         written[BUDGET] = 'Accuracy vs fine-tuning budget'
     return written
 
@@ -133,8 +135,8 @@ def run_setup_summary(params: StudyParams) -> dict[str, str]:
                        if ev.max_images else 'all test images')),
         'attacks': '; '.join(attack_label(a.as_dict()) for a in ev.attacks),
         'precision': f"fine-tuning {ft.precision}, evaluation {ev.precision}",
-        'seeds': (f"fine-tuning seeds {', '.join(map(str, params.seeds))} (every method fine-tuned once per seed); seed "
-                  f"{params.seed} for pretraining (one run, the shared CLIP), the evaluation images and the attacks' random starts"),
+        'shared seed': (f"{params.seed}: pretraining (one run, the shared CLIP), the evaluation images and the attacks' random "
+                        f"starts, the same for every fine-tuning seed"),
     }
 
 # %% ../nbs/13g_stage_report.ipynb #45601b47
@@ -212,7 +214,7 @@ def stage_report(params: StudyParams, root: str | os.PathLike = '.') -> str:
     if budget:
         from tga_zsr.budget import plateau_reading
         budget_caption = (f"A separate experiment (`make budget`, committed in `results/budget/`): FT-Adv, TeCoA and "
-                          f"TGA-ZSR fine-tuned for each budget, seed {budget['seed']}, evaluated like the main study. "
+                          f"TGA-ZSR fine-tuned for each budget, seed {budget['provenance'].get('seed')}, evaluated like the main study. "
                           + plateau_reading(budget, params.finetune_config().max_steps))
     eps_fig = root / p['figures'] / EPS_SWEEP
     budget_fig = root / p['figures'] / BUDGET
