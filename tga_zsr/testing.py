@@ -20,7 +20,7 @@ from .miniworld import save_npy_folder
 # %% auto #0
 __all__ = ['CIFAR10_FIXTURE_CLASSES', 'STL10_FIXTURE_CLASSES', 'CARS_FIXTURE_CLASSES', 'TINY_FIXTURE_WNIDS',
            'random_open_clip_weights', 'fake_tag_download', 'seed_hf_cache', 'skip_checksums', 'write_fixture',
-           'write_npy_fixture']
+           'write_npy_fixture', 'error_of']
 
 # %% ../nbs/14_testing.ipynb #cbaa8775
 def random_open_clip_weights(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -248,3 +248,10 @@ def write_npy_fixture(folder, n: int = 6, size: int = 24, classnames: Sequence[s
         images[i, r:r + s, c:c + s] = 0; images[i, r:r + s, c:c + s, y % 3] = 255; masks[i, r:r + s, c:c + s] = 1
     meta = {'name': name, 'task': 'classification', 'classnames': list(classnames), 'templates': list(templates)}
     return save_npy_folder(Path(folder), meta, images, masks, labels)
+
+# %% ../nbs/14_testing.ipynb #6e9fcbb6
+def error_of(fn) -> str:
+    "The error that `fn()` raises, as `Type: message`: what a user reads (fails if `fn` raises nothing)."
+    try: fn()
+    except Exception as e: return f'{type(e).__name__}: {e}'
+    raise AssertionError('no error raised')
