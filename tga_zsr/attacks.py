@@ -149,14 +149,22 @@ def _run_torchattacks(classifier, attacks, images, labels):
     with attack_mode(classifier), _global_rng_kept(images.device), torch.enable_grad():
         return atk(images, labels).detach()
 
+def _checked_images(images, eps, alpha, steps, norm, precision, square: bool = False) -> tuple[torch.Tensor, bool]:
+    """What every torchattacks-based attack checks first (budget, precision; Square's L2 image size): the images, detached,
+    and whether there is nothing to do (a zero budget returns the images unchanged)."""
+    _check_budget(eps, alpha or 0., steps, norm)
+    _check_precision(precision, images.device)
+    images = images.detach()
+    if eps == 0 or steps == 0: return images, True
+    if square and norm == 'l2': _check_square_l2_size(images.shape[-2:])
+    return images, False
+
 def apgd_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float | None = None,
                 steps: int = 100, norm: str = 'linf', n_classes: int | None = None, seed: int = 0,
                 precision: str | None = None) -> torch.Tensor:
     "The official 'AutoAttack': APGD-CE then APGD-DLR (CE only for 2 classes), per-sample worst case, via torchattacks."
-    _check_budget(eps, alpha or 0., steps, norm)
-    _check_precision(precision, images.device)
-    images = images.detach()
-    if eps == 0 or steps == 0: return images.clone()
+    images, nothing_to_do = _checked_images(images, eps, alpha, steps, norm, precision)
+    if nothing_to_do: return images.clone()
     n_classes = _n_classes(classifier, images, n_classes, precision)
     net = _FloatLogits(classifier, precision)
     kw = dict(norm=_TA_NORMS[norm], eps=eps, steps=steps, n_restarts=1, seed=seed)
@@ -177,11 +185,8 @@ def auto_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tenso
                 steps: int = 100, norm: str = 'linf', n_classes: int | None = None, seed: int = 0,
                 square_queries: int = 5000, precision: str | None = None) -> torch.Tensor:
     "Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks parts with the reference settings."
-    _check_budget(eps, alpha or 0., steps, norm)
-    _check_precision(precision, images.device)
-    images = images.detach()
-    if eps == 0 or steps == 0: return images.clone()
-    if norm == 'l2': _check_square_l2_size(images.shape[-2:])
+    images, nothing_to_do = _checked_images(images, eps, alpha, steps, norm, precision, square=True)
+    if nothing_to_do: return images.clone()
     n_classes = _n_classes(classifier, images, n_classes, precision)
     net, tn, n_targets = _FloatLogits(classifier, precision), _TA_NORMS[norm], min(9, n_classes - 1)
     attacks = [torchattacks.APGD(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, loss='ce')]
@@ -198,11 +203,8 @@ def square_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Ten
                   steps: int = 1000, norm: str = 'linf', n_classes: int | None = None, seed: int = 0,
                   precision: str | None = None) -> torch.Tensor:
     "The Square attack (Andriushchenko et al. 2020; torchattacks, margin loss, p_init 0.8): black-box random search, `steps` queries."
-    _check_budget(eps, alpha or 0., steps, norm)
-    _check_precision(precision, images.device)
-    images = images.detach()
-    if eps == 0 or steps == 0: return images.clone()
-    if norm == 'l2': _check_square_l2_size(images.shape[-2:])
+    images, nothing_to_do = _checked_images(images, eps, alpha, steps, norm, precision, square=True)
+    if nothing_to_do: return images.clone()
     atk = torchattacks.Square(_FloatLogits(classifier, precision), norm=_TA_NORMS[norm], eps=eps, n_queries=int(steps),
                               n_restarts=1, p_init=0.8, loss='margin', resc_schedule=True, seed=seed)
     return _run_torchattacks(classifier, [atk], images, labels)
