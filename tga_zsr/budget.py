@@ -17,7 +17,8 @@ __all__ = ['DEFAULT_METHODS', 'DEFAULT_STEPS', 'BUDGET_FILE', 'FIGURE_FILE', 'TA
            'steps_per_epoch', 'pipeline_steps', 'budget_config', 'main_attack', 'evaluation_settings', 'run_inputs',
            'finished_run', 'curve_tail', 'train_point', 'evaluate_point', 'check_request', 'git_commit', 'load_budget',
            'run_budget', 'noise_points', 'doubling_change', 'doubling_verdicts', 'plateau_budget', 'plateau_reading',
-           'budget_curves', 'write_budget_figure', 'budget_table', 'write_budget_report', 'main']
+           'difference_noise', 'ranking_reading', 'budget_mismatch', 'budget_curves', 'write_budget_figure',
+           'budget_table', 'write_budget_report', 'main']
 
 # %% ../nbs/13h_budget.ipynb #2400aed4
 DEFAULT_METHODS = ('ft_adv', 'tecoa', 'tga_zsr')      # the issue's three: the CE baseline, TeCoA, TGA-ZSR
@@ -293,6 +294,45 @@ def plateau_reading(results: Mapping, default_steps: int) -> str:
     elif best == default_steps or not off: second += '.'
     else: second += f"; the smallest budget measured that is, for every method, is {best} steps."
     return first + ' ' + second
+
+# %% ../nbs/13h_budget.ipynb #3623b989
+def difference_noise(a: float, b: float, n: int) -> float:
+    "Two standard errors, in points, of the difference of two independent accuracies `a`, `b` (%) over `n` images each."
+    return math.sqrt(noise_points(a, n) ** 2 + noise_points(b, n) ** 2)
+
+def ranking_reading(results: Mapping, kind: str = 'robust') -> str:
+    """The methods ordered by `kind` accuracy at each budget where all of them ran, consecutive budgets with the same order
+    merged; `>` a gap beyond `difference_noise`, `≈` one within it. '' with fewer than two methods or no common budget."""
+    from tga_zsr.reporting import method_title
+    methods = _method_order(results)
+    budgets = sorted({int(s) for runs in results['runs'].values() for s in runs})
+    common = [s for s in budgets if all(str(s) in results['runs'][m] for m in methods)]
+    if len(methods) < 2 or not common: return ''
+    groups: list[list] = []                        # [first budget, last budget, order]
+    for s in common:
+        runs = sorted(((results['runs'][m][str(s)], m) for m in methods), key=lambda t: -t[0][kind])
+        order = method_title(runs[0][1])
+        for (a, _), (b, m) in zip(runs, runs[1:]):
+            beyond = a[kind] - b[kind] > difference_noise(a[kind], b[kind], min(a['n'], b['n']))
+            order += (' > ' if beyond else ' ≈ ') + method_title(m)
+        if groups and groups[-1][2] == order: groups[-1][1] = s
+        else: groups.append([s, s, order])
+    span = lambda a, b: f"{a} steps" if a == b else f"{a} to {b} steps"
+    return (f"Order of {kind} accuracy at the budgets measured ('>': a gap beyond the noise of a difference, "
+            f"2·sqrt(p₁(1−p₁)/n + p₂(1−p₂)/n); '≈': within it): " + '; '.join(f"{span(a, b)}: {o}" for a, b, o in groups) + '.')
+
+# %% ../nbs/13h_budget.ipynb #eceaa75d
+def budget_mismatch(results: Mapping, params: StudyParams, root: str | os.PathLike = '.') -> str | None:
+    "Why the recorded budget check does not describe the study of `params` (another profile or learning rate), else None."
+    prof = results.get('provenance', {}).get('profile')
+    if prof != params.profile: return f"it ran on profile {prof!r}, not {params.profile!r}"
+    other = []
+    for m, runs in results['runs'].items():
+        now = params.train_config(m, root).resolved().lr if m in params.methods else None
+        lrs = sorted({r['train']['lr'] for r in runs.values()})
+        if now is None: other.append(f"{m} is not a method of the study")
+        elif lrs != [now]: other.append(f"{m} ran with lr {', '.join(f'{x:g}' for x in lrs)}, the study uses {now:g}")
+    return f"it does not match the study's learning rates ({'; '.join(other)})" if other else None
 
 # %% ../nbs/13h_budget.ipynb #bba70846
 def budget_curves(results: Mapping) -> dict:

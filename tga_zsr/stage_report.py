@@ -63,11 +63,15 @@ def _checklists(params: StudyParams, root: Path) -> dict:
     return {m: load_checklist(f) for m in params.methods if (f := root / stage_paths(m)['checks']).is_file()}
 
 def _budget(params: StudyParams, root: Path) -> dict | None:
-    "The committed budget experiment (`tga_zsr.budget`) of this profile, or None when it was not run for it."
-    from tga_zsr.budget import load_budget
+    """The committed budget experiment (`tga_zsr.budget`) when it describes this study (same profile and learning rates,
+    `budget.budget_mismatch`), else None; a check that does not is named in the stage's output, never drawn."""
+    from tga_zsr.budget import load_budget, budget_mismatch
     f = root / stage_paths()['budget']
     b = load_budget(f) if f.is_file() else None
-    return b if b and b['runs'] and b['provenance'].get('profile') == params.profile else None
+    if not (b and b['runs']): return None
+    why = budget_mismatch(b, params, root)
+    if why: print(f"{f.relative_to(root)} is not shown: {why} (re-run `make budget`)")
+    return None if why else b
 
 def stage_figures(params: StudyParams, root: str | os.PathLike = '.') -> dict[str, str]:
     "Write every figure under `results/figures/`; returns {file name: title} of those written."
@@ -212,10 +216,13 @@ def stage_report(params: StudyParams, root: str | os.PathLike = '.') -> str:
     budget = _budget(params, root)
     budget_caption = ''
     if budget:
-        from tga_zsr.budget import plateau_reading
-        budget_caption = (f"A separate experiment (`make budget`, committed in `results/budget/`): FT-Adv, TeCoA and "
-                          f"TGA-ZSR fine-tuned for each budget, seed {budget['provenance'].get('seed')}, evaluated like the main study. "
-                          + plateau_reading(budget, params.finetune_config().max_steps))
+        from tga_zsr.budget import plateau_reading, ranking_reading, _method_order
+        from tga_zsr.reporting import method_title
+        names = [method_title(m) for m in _method_order(budget)]
+        budget_caption = (f"A separate experiment (`make budget`, committed in `results/budget/`): "
+                          f"{', '.join(names[:-1])} and {names[-1]} fine-tuned for each budget at the study's learning "
+                          f"rates, seed {budget['provenance'].get('seed')}, evaluated like the main study. "
+                          + plateau_reading(budget, params.finetune_config().max_steps) + ' ' + ranking_reading(budget))
     eps_fig = root / p['figures'] / EPS_SWEEP
     budget_fig = root / p['figures'] / BUDGET
     return R.write_report(root / p['report'], ordered, methods=methods, datasets=params.evaluate.datasets,
