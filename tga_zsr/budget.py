@@ -17,8 +17,8 @@ __all__ = ['DEFAULT_METHODS', 'DEFAULT_STEPS', 'BUDGET_FILE', 'FIGURE_FILE', 'TA
            'steps_per_epoch', 'pipeline_steps', 'budget_config', 'main_attack', 'evaluation_settings', 'run_inputs',
            'finished_run', 'curve_tail', 'train_point', 'evaluate_point', 'check_request', 'git_commit', 'load_budget',
            'run_budget', 'noise_points', 'doubling_change', 'doubling_verdicts', 'plateau_budget', 'plateau_reading',
-           'difference_noise', 'ranking_reading', 'budget_mismatch', 'budget_curves', 'write_budget_figure',
-           'budget_table', 'write_budget_report', 'main']
+           'difference_noise', 'ranking_reading', 'budget_reading', 'budget_mismatch', 'budget_curves',
+           'write_budget_figure', 'budget_table', 'write_budget_report', 'main']
 
 # %% ../nbs/13h_budget.ipynb #2400aed4
 DEFAULT_METHODS = ('ft_adv', 'tecoa', 'tga_zsr')      # the issue's three: the CE baseline, TeCoA, TGA-ZSR
@@ -320,6 +320,15 @@ def ranking_reading(results: Mapping, kind: str = 'robust') -> str:
     span = lambda a, b: f"{a} steps" if a == b else f"{a} to {b} steps"
     return (f"Order of {kind} accuracy at the budgets measured ('>': a gap beyond the noise of a difference, "
             f"2·sqrt(p₁(1−p₁)/n + p₂(1−p₂)/n); '≈': within it): " + '; '.join(f"{span(a, b)}: {o}" for a, b, o in groups) + '.')
+
+def budget_reading(results: Mapping, default_steps: int) -> str:
+    "What the report says under the budget figure: the methods, the plateau reading at the default and the robust order."
+    from tga_zsr.reporting import method_title
+    names = [method_title(m) for m in _method_order(results)]
+    who = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return (f"A separate experiment (`make budget`, committed in `results/budget/`): {who} fine-tuned for each budget at "
+            f"the study's learning rates, seed {results.get('provenance', {}).get('seed')}, evaluated like the main study. "
+            + plateau_reading(results, default_steps) + ' ' + ranking_reading(results)).strip()
 
 # %% ../nbs/13h_budget.ipynb #eceaa75d
 def budget_mismatch(results: Mapping, params: StudyParams, root: str | os.PathLike = '.') -> str | None:

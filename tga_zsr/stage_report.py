@@ -216,13 +216,8 @@ def stage_report(params: StudyParams, root: str | os.PathLike = '.') -> str:
     budget = _budget(params, root)
     budget_caption = ''
     if budget:
-        from tga_zsr.budget import plateau_reading, ranking_reading, _method_order
-        from tga_zsr.reporting import method_title
-        names = [method_title(m) for m in _method_order(budget)]
-        budget_caption = (f"A separate experiment (`make budget`, committed in `results/budget/`): "
-                          f"{', '.join(names[:-1])} and {names[-1]} fine-tuned for each budget at the study's learning "
-                          f"rates, seed {budget['provenance'].get('seed')}, evaluated like the main study. "
-                          + plateau_reading(budget, params.finetune_config().max_steps) + ' ' + ranking_reading(budget))
+        from tga_zsr.budget import budget_reading
+        budget_caption = budget_reading(budget, params.finetune_config().max_steps)
     eps_fig = root / p['figures'] / EPS_SWEEP
     budget_fig = root / p['figures'] / BUDGET
     return R.write_report(root / p['report'], ordered, methods=methods, datasets=params.evaluate.datasets,
