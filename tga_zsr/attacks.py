@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchattacks
 
 from .core import Registry, TGAZSRError, autocast, check_precision, from_255
 
@@ -144,8 +143,13 @@ def _n_classes(classifier, images, n_classes, precision=None):
     if n_classes < 2: raise TGAZSRError(f"attacks need at least 2 classes, got n_classes={n_classes}")
     return int(n_classes)
 
+def _torchattacks():
+    "torchattacks, imported on first use: half a second that every pipeline stage would pay, most never attacking with it."
+    import torchattacks
+    return torchattacks
+
 def _run_torchattacks(classifier, attacks, images, labels):
-    atk = attacks[0] if len(attacks) == 1 else torchattacks.MultiAttack(attacks)
+    atk = attacks[0] if len(attacks) == 1 else _torchattacks().MultiAttack(attacks)
     with attack_mode(classifier), _global_rng_kept(images.device), torch.enable_grad():
         return atk(images, labels).detach()
 
@@ -168,8 +172,9 @@ def apgd_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tenso
     n_classes = _n_classes(classifier, images, n_classes, precision)
     net = _FloatLogits(classifier, precision)
     kw = dict(norm=_TA_NORMS[norm], eps=eps, steps=steps, n_restarts=1, seed=seed)
-    attacks = [torchattacks.APGD(net, loss='ce', **kw)]
-    if n_classes >= 3: attacks.append(torchattacks.APGD(net, loss='dlr', **kw))
+    ta = _torchattacks()
+    attacks = [ta.APGD(net, loss='ce', **kw)]
+    if n_classes >= 3: attacks.append(ta.APGD(net, loss='dlr', **kw))
     return _run_torchattacks(classifier, attacks, images, labels)
 
 def _check_square_l2_size(hw):
@@ -189,10 +194,11 @@ def auto_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if nothing_to_do: return images.clone()
     n_classes = _n_classes(classifier, images, n_classes, precision)
     net, tn, n_targets = _FloatLogits(classifier, precision), _TA_NORMS[norm], min(9, n_classes - 1)
-    attacks = [torchattacks.APGD(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, loss='ce')]
-    if n_classes >= 4: attacks.append(torchattacks.APGDT(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n_classes))
-    attacks.append(torchattacks.FAB(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=n_classes))
-    attacks.append(torchattacks.Square(net, norm=tn, eps=eps, n_queries=square_queries, n_restarts=1, p_init=.8,
+    ta = _torchattacks()
+    attacks = [ta.APGD(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, loss='ce')]
+    if n_classes >= 4: attacks.append(ta.APGDT(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n_classes))
+    attacks.append(ta.FAB(net, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=n_classes))
+    attacks.append(ta.Square(net, norm=tn, eps=eps, n_queries=square_queries, n_restarts=1, p_init=.8,
                                        resc_schedule=False, seed=seed))
     for a in attacks:
         if hasattr(a, 'n_target_classes'): a.n_target_classes = n_targets  # reference: 9 targets, not n_classes - 1
@@ -205,7 +211,7 @@ def square_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Ten
     "The Square attack (Andriushchenko et al. 2020; torchattacks, margin loss, p_init 0.8): black-box random search, `steps` queries."
     images, nothing_to_do = _checked_images(images, eps, alpha, steps, norm, precision, square=True)
     if nothing_to_do: return images.clone()
-    atk = torchattacks.Square(_FloatLogits(classifier, precision), norm=_TA_NORMS[norm], eps=eps, n_queries=int(steps),
+    atk = _torchattacks().Square(_FloatLogits(classifier, precision), norm=_TA_NORMS[norm], eps=eps, n_queries=int(steps),
                               n_restarts=1, p_init=0.8, loss='margin', resc_schedule=True, seed=seed)
     return _run_torchattacks(classifier, [atk], images, labels)
 

@@ -4,9 +4,10 @@
 
 # %% ../nbs/10_evaluation.ipynb #0f201d4f
 from __future__ import annotations
-import io, json, os, zipfile, zlib
+import io, json, multiprocessing, os, zipfile, zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,10 +26,11 @@ from .losses import attention_distance
 
 # %% auto #0
 __all__ = ['CORRECTNESS_FORMAT', 'batch_seed', 'correct_per_image', 'count_correct', 'check_dataset_name', 'has_masks',
-           'evaluate', 'metrics_name', 'write_metrics', 'mask_energy', 'pointing_hits', 'localization_sums',
-           'add_localization_sums', 'localization_scores', 'attention_shift', 'save_attention_shift',
-           'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attack_key', 'save_correctness',
-           'load_correctness', 'attention_examples', 'save_attention_examples', 'load_attention_examples']
+           'dataset_processes', 'map_datasets', 'evaluate', 'metrics_name', 'write_metrics', 'mask_energy',
+           'pointing_hits', 'localization_sums', 'add_localization_sums', 'localization_scores', 'attention_shift',
+           'save_attention_shift', 'load_attention_shift', 'save_eval_meta', 'load_eval_meta', 'attack_key',
+           'save_correctness', 'load_correctness', 'attention_examples', 'save_attention_examples',
+           'load_attention_examples']
 
 # %% ../nbs/10_evaluation.ipynb #092d2092
 def _moves_images(attack: AttackConfig) -> bool:
@@ -80,6 +82,47 @@ def has_masks(name: str, root: str | os.PathLike) -> bool:
     "Whether dataset `name` under `root` is a miniature npy folder with object masks (paper datasets have none)."
     return any(is_npy_folder(f) and (f / 'masks.npy').is_file() for f in (Path(root) / name, Path(root) / 'suite' / name))
 
+# %% ../nbs/10_evaluation.ipynb #a1b2c3d4e5f6
+def dataset_processes(processes: int, device: torch.device | str) -> int:
+    """How many processes `map_datasets` uses: `processes`, or for 0 one per CPU thread of this process (`torch.get_num_threads`)
+    on a CPU device. A GPU, or a platform without `fork`, evaluates in this process (1)."""
+    if int(processes) != processes or processes < 0: raise TGAZSRError(f"processes must be an integer >= 0, got {processes!r}")
+    device = torch.device(device)
+    if device.type != 'cpu' or 'fork' not in multiprocessing.get_all_start_methods():
+        if processes > 1:
+            raise TGAZSRError(f"processes={processes} spreads datasets over forked CPU processes, which device "
+                              f"{str(device)!r} cannot do{'' if device.type != 'cpu' else ' (no fork on this platform)'}; use 1 (or 0: automatic)")
+        return 1
+    return int(processes) or max(1, torch.get_num_threads())
+
+_worker_fn: Callable | None = None    # set in each forked worker only: the parent's function, inherited, never pickled
+
+def _start_worker(fn):
+    global _worker_fn
+    _worker_fn = fn
+    torch.set_num_threads(1)   # the worker's share of the cores (and torch's thread pool is not fork-safe beyond one)
+
+def _run_in_worker(name): return _worker_fn(name)
+
+def map_datasets(fn: Callable, names: Sequence[str], processes: int = 1, progress: bool = False,
+                 desc: str = 'datasets') -> dict:
+    """`{name: fn(name)}` in the order of `names`. With `processes` > 1 the names are shared out, one at a time, among that
+    many forked single-thread processes (CPU only): datasets are independent (each batch's attack seed comes from its
+    dataset's name, `batch_seed`), so the results do not depend on which worker ran which dataset, nor on how many
+    workers there are -- only on the thread count, one per dataset. A worker's exception is raised here; a worker that
+    dies (out of memory, killed) fails the call instead of hanging it."""
+    names = list(names)
+    if processes <= 1 or len(names) <= 1:
+        return {n: fn(n) for n in tqdm(names, desc=desc, disable=not progress)}
+    out = {}
+    pool = ProcessPoolExecutor(min(processes, len(names)), mp_context=multiprocessing.get_context('fork'),
+                               initializer=_start_worker, initargs=(fn,))
+    try:
+        futures = {pool.submit(_run_in_worker, n): n for n in names}
+        for f in tqdm(as_completed(futures), total=len(names), desc=desc, disable=not progress): out[futures[f]] = f.result()
+    finally: pool.shutdown(wait=True, cancel_futures=True)
+    return {n: out[n] for n in names}
+
 # %% ../nbs/10_evaluation.ipynb #f8d5f435
 def _pct(correct: int, n: int) -> float: return round(100.0 * correct / n, 4)
 
@@ -91,8 +134,11 @@ def _check_method_label(method: str) -> str:
 def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, attacks: Sequence[AttackConfig],
              method: str, max_images: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
              seed: int = 0, num_workers: int = 0, precision: str = 'auto', progress: bool = True,
-             per_image: bool = False) -> list[dict]:
-    "Zero-shot clean and robust top-1 accuracy (percent) of `clip` on `datasets`, one result dict per attack."
+             per_image: bool = False, processes: int = 1, subsets: Sequence[int | None] | None = None) -> list[dict]:
+    """Zero-shot clean and robust top-1 accuracy (percent) of `clip` on `datasets`, one result dict per attack.
+    `subsets[i]`: attack i's images per dataset instead of `max_images` (a strong attack on a smaller fixed subset);
+    the attacks of one subset share its clean pass. `processes` > 1 (CPU only) spreads the (subset, dataset) tasks over
+    that many single-thread processes (`map_datasets`)."""
     _check_method_label(method)
     datasets, attacks = list(datasets), list(attacks)
     if not datasets: raise TGAZSRError("evaluate needs at least one dataset")
@@ -100,34 +146,45 @@ def evaluate(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, 
     if batch_size < 1: raise TGAZSRError(f"batch_size must be >= 1, got {batch_size}")
     if len(set(datasets)) != len(datasets): raise TGAZSRError(f"datasets repeat a name: {datasets}")
     if 'avg' in datasets: raise TGAZSRError("a dataset cannot be called 'avg' (that key holds the average)")
+    subsets = [max_images] * len(attacks) if subsets is None else list(subsets)
+    if len(subsets) != len(attacks): raise TGAZSRError(f"subsets has {len(subsets)} entries for {len(attacks)} attacks")
     device = clip.device if device is None else resolve_device(device)
     precision = check_precision(precision, device)        # a bad name or device: before any work
+    processes = dataset_processes(processes, device)
     clip = clip.to(device)
-    sets = {name: get_eval_set(name, root, image_size=int(clip.image_size[0]), max_images=max_images, seed=seed)
-            for name in datasets}
-    clean, robust, counts = {}, [{} for _ in attacks], {}
-    clean_vecs, robust_vecs = {}, [{} for _ in attacks]
+    groups: dict[int | None, list[int]] = {}              # subset size -> its attacks' indices
+    for i, k in enumerate(subsets): groups.setdefault(k, []).append(i)
+    sets = {(k, name): get_eval_set(name, root, image_size=int(clip.image_size[0]), max_images=k, seed=seed)
+            for k in groups for name in datasets}         # every dataset opened (and checked) before the first attack
+    def one_task(key):
+        k, name = key; es = sets[key]
+        with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates)
+        classifier = ZeroShotClassifier(clip, weights.float())
+        loader = DataLoader(es.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == 'cuda')
+        vecs = correct_per_image(classifier, loader, [attacks[i] for i in groups[k]], len(es.classnames), device,
+                                 seed=seed, name=name, precision=precision, progress=progress and processes == 1)
+        if len(vecs[0]) == 0: raise TGAZSRError(f"dataset {name!r} ({es.source}) has no images")
+        return vecs
+    # the last subset first: strong attacks on small subsets come last in a configuration and are the slowest tasks,
+    # so they start first and the main attack's many short tasks fill the gaps (the results do not depend on the order)
+    keys = [(k, name) for k in reversed(list(groups)) for name in datasets]
     was_training = clip.training
     clip.eval()
-    try:
-        for name, es in tqdm(sets.items(), desc='datasets', disable=not progress):
-            with autocast(device, precision): weights = classifier_weights(clip, es.classnames, es.templates)
-            classifier = ZeroShotClassifier(clip, weights.float())
-            loader = DataLoader(es.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                pin_memory=device.type == 'cuda')
-            clean_vec, robust_vec = correct_per_image(classifier, loader, attacks, len(es.classnames), device,
-                                                      seed=seed, name=name, precision=precision, progress=progress)
-            n = len(clean_vec)
-            if n == 0: raise TGAZSRError(f"dataset {name!r} ({es.source}) has no images")
-            counts[name], clean[name], clean_vecs[name] = n, _pct(int(clean_vec.sum()), n), clean_vec
-            for r, rv, v in zip(robust, robust_vecs, robust_vec): r[name], rv[name] = _pct(int(v.sum()), n), v
+    try: per_task = map_datasets(one_task, keys, processes, progress=progress, desc='evaluation')
     finally: clip.train(was_training)
     avg = lambda d: round(sum(d.values()) / len(d), 4)
-    results = [{'method': method, 'attack': a.as_dict(),
-                'clean': {**clean, 'avg': avg(clean)}, 'robust': {**r, 'avg': avg(r)}, 'n': dict(counts)}
-               for a, r in zip(attacks, robust)]
-    if per_image:
-        for res, rv in zip(results, robust_vecs): res['per_image'] = {'clean': dict(clean_vecs), 'robust': rv}
+    pcts = lambda vecs: {name: _pct(int(v.sum()), len(v)) for name, v in vecs.items()}
+    results = [None] * len(attacks)
+    for k, idx in groups.items():
+        clean_vecs = {name: per_task[k, name][0] for name in datasets}
+        counts, clean = {name: len(v) for name, v in clean_vecs.items()}, pcts(clean_vecs)
+        for j, i in enumerate(idx):
+            robust_vecs = {name: per_task[k, name][1][j] for name in datasets}
+            robust = pcts(robust_vecs)
+            results[i] = {'method': method, 'attack': attacks[i].as_dict(), 'clean': {**clean, 'avg': avg(clean)},
+                          'robust': {**robust, 'avg': avg(robust)}, 'n': dict(counts)}
+            if per_image: results[i]['per_image'] = {'clean': dict(clean_vecs), 'robust': robust_vecs}
     return results
 
 # %% ../nbs/10_evaluation.ipynb #fa0945bb

@@ -116,6 +116,7 @@ class EvaluateParams:
     max_images: int | None = None      # fixed-seed subsample per dataset (None: all test images)
     batch_size: int = 256
     num_workers: int = 0
+    processes: int = 0                 # datasets side by side in single-thread processes (0: one per CPU thread; 1 on a GPU)
     precision: str = 'auto'            # core.PRECISIONS; whether the device supports it is checked when the stage runs
     attention: AttentionParams = field(default_factory=AttentionParams)
     def __post_init__(self):
@@ -124,6 +125,7 @@ class EvaluateParams:
         require(self.max_images is None or self.max_images >= 1, 'max_images', f"must be an integer >= 1 or null, got {self.max_images!r}")
         require(self.batch_size >= 1, 'batch_size', f"must be an integer >= 1, got {self.batch_size!r}")
         require(self.num_workers >= 0, 'num_workers', f"must be an integer >= 0, got {self.num_workers!r}")
+        require(self.processes >= 0, 'processes', f"must be an integer >= 0 (0: one per CPU thread), got {self.processes!r}")
         require(len(self.attacks) > 0, 'attacks', 'must be a non-empty list of attacks')
         require(self.attacks[0].max_images is None and self.attacks[0].seeds is None, 'attacks[0]',
                 "is the main attack: it runs on every image of every model (no max_images or seeds)")

@@ -17,7 +17,7 @@ from .core import Registry, TGAZSRError, autocast, check_precision, from_255, lo
 from .attacks import AttackConfig
 from .models import ClipModel, ZeroShotClassifier, classifier_weights
 from .datasets import get_eval_set
-from .evaluation import batch_seed
+from .evaluation import batch_seed, dataset_processes, map_datasets
 
 # %% auto #0
 __all__ = ['CHECKS', 'noise_tolerance', 'ChecklistConfig', 'monotone_eps', 'large_eps_near_zero', 'more_steps_no_gain',
@@ -236,8 +236,10 @@ def _mean(d: Mapping) -> float: return round(sum(d.values()) / len(d), 4)
 def run_checklist(clip: ClipModel, datasets: Sequence[str], root: str | os.PathLike, main_attack: AttackConfig,
                   config: ChecklistConfig | None = None, source_model: ClipModel | None = None, source_name: str = 'source',
                   max_images: int | None = None, batch_size: int = 256, seed: int = 0,
-                  device: str | torch.device | None = None, precision: str = 'auto', progress: bool = False) -> dict:
-    "The gradient-masking checklist of `clip` on the same fixed images as `evaluation.evaluate`: accuracies (%) and verdicts."
+                  device: str | torch.device | None = None, precision: str = 'auto', progress: bool = False,
+                  processes: int = 1) -> dict:
+    """The gradient-masking checklist of `clip` on the same fixed images as `evaluation.evaluate`: accuracies (%) and verdicts.
+    `processes` > 1 (CPU only) spreads the datasets over single-thread processes (`evaluation.map_datasets`)."""
     config = config or ChecklistConfig()
     main_attack = _check_main_attack(main_attack)
     datasets = list(datasets)
@@ -250,6 +252,7 @@ def run_checklist(clip: ClipModel, datasets: Sequence[str], root: str | os.PathL
                           "pass one or leave the check out of the checklist configuration's checks")
     device = clip.device if device is None else resolve_device(device)
     precision = check_precision(precision, device)
+    processes = dataset_processes(processes, device)
     clip = clip.to(device)
     if 'transfer' in needs:
         source_model = source_model.to(device)
@@ -261,11 +264,11 @@ def run_checklist(clip: ClipModel, datasets: Sequence[str], root: str | os.PathL
     models = [m for m in (clip, source_model if 'transfer' in needs else None) if m is not None]
     modes = [m.training for m in models]
     for m in models: m.eval()
-    per_dataset = {}
     try:
-        for name, es in tqdm(sets.items(), desc='checklist', disable=not progress):
-            per_dataset[name] = _checklist_one(clip, source_model if 'transfer' in needs else None, name, es, attacks,
-                                               sweep, needs, config, main_attack, batch_size, device, seed, precision)
+        per_dataset = map_datasets(lambda name: _checklist_one(clip, source_model if 'transfer' in needs else None, name,
+                                                               sets[name], attacks, sweep, needs, config, main_attack,
+                                                               batch_size, device, seed, precision),
+                                   datasets, processes, progress=progress, desc='checklist')
     finally:
         for m, t in zip(models, modes): m.train(t)
     n = sum(d['n'] for d in per_dataset.values())

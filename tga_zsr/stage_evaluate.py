@@ -18,12 +18,10 @@ def correctness_path(root: str | os.PathLike, method: str, seed: int, key: str) 
     "Where the evaluate stage keeps one attack's per-image correctness (`evaluation.save_correctness`) of one run."
     return Path(root) / stage_paths(method, seed)['eval'] / f'correct_{key}.npz'
 
-def _attack_groups(params: StudyParams, seed: int) -> dict[int | None, list]:
-    "The attacks this seed's model is evaluated under, grouped by how many images per dataset they run on."
-    groups: dict[int | None, list] = {}
-    for a in params.evaluate.attacks:
-        if a.runs_on(seed): groups.setdefault(a.max_images or params.evaluate.max_images, []).append(a.attack())
-    return groups
+def _seed_attacks(params: StudyParams, seed: int) -> tuple[list, list]:
+    "The attacks this seed's model is evaluated under, and how many images per dataset each runs on."
+    runs = [a for a in params.evaluate.attacks if a.runs_on(seed)]
+    return [a.attack() for a in runs], [a.max_images or params.evaluate.max_images for a in runs]
 
 def stage_evaluate(params: StudyParams, method: str, seed: int | None = None, root: str | os.PathLike = '.') -> dict:
     """Metrics JSONs, per-image correctness and (first seed) attention of the model of `method` fine-tuned with `seed`.
@@ -39,15 +37,13 @@ def stage_evaluate(params: StudyParams, method: str, seed: int | None = None, ro
     precision = device_precision('evaluate.precision', ev.precision, device)
     clip = load_clip(arch, root / p['model'], device=device)
     dicts = [a.as_dict() for a in ev.attacks]
-    results = []
-    for max_images, attacks in _attack_groups(params, seed).items():
-        rs = evaluate(clip, ev.datasets, root / DATA_DIR, attacks, method, max_images=max_images, batch_size=ev.batch_size,
-                      device=device, seed=params.seed, num_workers=ev.num_workers, precision=precision, progress=False,
-                      per_image=True)
-        for r in rs:
-            r['seed'] = seed
-            save_correctness([r], correctness_path(root, method, seed, attack_key(r['attack'], dicts)))
-        results += rs
+    attacks, subsets = _seed_attacks(params, seed)
+    results = evaluate(clip, ev.datasets, root / DATA_DIR, attacks, method, max_images=ev.max_images, subsets=subsets,
+                       batch_size=ev.batch_size, device=device, seed=params.seed, num_workers=ev.num_workers,
+                       precision=precision, progress=False, per_image=True, processes=ev.processes)
+    for r in results:
+        r['seed'] = seed
+        save_correctness([r], correctness_path(root, method, seed, attack_key(r['attack'], dicts)))
     write_metrics(results, root / p['metrics'])     # <method>_<attack>.json: what `dvc metrics show` reads
     main = ev.attacks[0].attack()
     if seed == params.seeds[0] and (att.datasets or att.examples):
@@ -85,7 +81,7 @@ def stage_checks(params: StudyParams, method: str, root: str | os.PathLike = '.'
     result = run_checklist(clip, ch.datasets or params.evaluate.datasets, root / DATA_DIR, params.evaluate.attacks[0].attack(),
                            config, source_model=source, source_name=ch.transfer_source if source is not None else None,
                            max_images=ch.max_images, batch_size=ch.batch_size, seed=params.seed, device=device,
-                           precision=precision, progress=False)
+                           precision=precision, progress=False, processes=params.evaluate.processes)
     save_checklist(result, root / p['checks'])
     return {'method': method, 'seed': seed, 'attacks': result['attacks'],
             'checks': {k: ('pass' if v['pass'] else 'FAIL') + f" ({v['detail']})" for k, v in result['checks'].items()}}
