@@ -6,6 +6,7 @@
 from __future__ import annotations
 import io, json, multiprocessing, os, zipfile, zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -85,7 +86,8 @@ def has_masks(name: str, root: str | os.PathLike) -> bool:
 # %% ../nbs/10_evaluation.ipynb #a1b2c3d4e5f6
 def dataset_processes(processes: int, device: torch.device | str) -> int:
     """How many processes `map_datasets` uses: `processes`, or for 0 one per CPU thread of this process (`torch.get_num_threads`)
-    on a CPU device. A GPU, or a platform without `fork`, evaluates in this process (1)."""
+    on a CPU device. A GPU, or a platform without `fork`, evaluates in this process (1). Each process holds its own
+    activations: with a large model on a many-core CPU, ask for fewer."""
     if int(processes) != processes or processes < 0: raise TGAZSRError(f"processes must be an integer >= 0, got {processes!r}")
     device = torch.device(device)
     if device.type != 'cpu' or 'fork' not in multiprocessing.get_all_start_methods():
@@ -104,22 +106,36 @@ def _start_worker(fn):
 
 def _run_in_worker(name): return _worker_fn(name)
 
-def map_datasets(fn: Callable, names: Sequence[str], processes: int = 1, progress: bool = False,
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    "Terminate the pool's workers now (the pool has no public way): an error or Ctrl-C must not wait for the slowest task."
+    for proc in list((getattr(pool, '_processes', None) or {}).values()):
+        if proc.is_alive(): proc.terminate()
+
+def map_datasets(fn: Callable, names: Sequence, processes: int = 1, progress: bool = False,
                  desc: str = 'datasets') -> dict:
-    """`{name: fn(name)}` in the order of `names`. With `processes` > 1 the names are shared out, one at a time, among that
-    many forked single-thread processes (CPU only): datasets are independent (each batch's attack seed comes from its
-    dataset's name, `batch_seed`), so the results do not depend on which worker ran which dataset, nor on how many
-    workers there are -- only on the thread count, one per dataset. A worker's exception is raised here; a worker that
-    dies (out of memory, killed) fails the call instead of hanging it."""
+    """`{name: fn(name)}` in the order of `names`. With `processes` > 1 the names (datasets, or any picklable keys) are
+    shared out, one at a time, among that many forked single-thread processes (CPU only): datasets are independent
+    (each batch's attack seed comes from its dataset's name, `batch_seed`), so the results do not depend on which worker
+    ran which dataset, nor on how many workers there are -- only on the thread count, one per dataset, even for a single
+    name. A worker's exception is raised here at once (the other workers are stopped); a worker that dies (out of
+    memory, killed) fails the call with a `TGAZSRError` instead of hanging it."""
     names = list(names)
-    if processes <= 1 or len(names) <= 1:
+    if processes <= 1:
         return {n: fn(n) for n in tqdm(names, desc=desc, disable=not progress)}
-    out = {}
+    if not names: return {}
+    out, futures = {}, {}
     pool = ProcessPoolExecutor(min(processes, len(names)), mp_context=multiprocessing.get_context('fork'),
                                initializer=_start_worker, initargs=(fn,))
     try:
         futures = {pool.submit(_run_in_worker, n): n for n in names}
         for f in tqdm(as_completed(futures), total=len(names), desc=desc, disable=not progress): out[futures[f]] = f.result()
+    except BrokenProcessPool:
+        _stop_workers(pool)
+        raise TGAZSRError(f"a worker process of the {desc} stopped abruptly (killed, or out of memory?) with "
+                          f"{len(names) - len(out)} of {len(names)} tasks unfinished; processes=1 (`evaluate.processes: 1` "
+                          f"in params.yaml) runs them all in this process") from None
+    except BaseException:
+        _stop_workers(pool); raise
     finally: pool.shutdown(wait=True, cancel_futures=True)
     return {n: out[n] for n in names}
 
