@@ -59,7 +59,7 @@ test-paper: venv
 	cd tests && ../$(BIN)/python paper_dry_run.py
 
 ## The main job: reproduce the whole study with DVC, exactly `dvc repro` with the venv's binaries (params.yaml: the
-## miniature profile, ~30 min on 2 CPU cores). The data stage makes data/ itself. Other profiles are an explicit switch
+## miniature profile, ~57 min on 2 CPU cores). The data stage makes data/ itself. Other profiles are an explicit switch
 ## that git shows: `python -m tga_zsr.pipeline profile smoke|paper` (see README).
 repro: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro

@@ -469,18 +469,23 @@ def attention_summary(attention: Mapping[str, Mapping[str, dict]]) -> dict[str, 
         for score in ('energy', 'pointing', 'pointing_inverse'):
             for which in ('clean', 'adv'):
                 s[f'{score}_{which}'] = mean([(r.get(score) or {}).get(which) for r in rows])
+        ns = [r['n_localized'] for r in rows if r.get('n_localized') is not None]
+        s['n_localized'] = sum(ns) if ns else None      # the images behind the pointing scores (their noise)
         out[m] = s
     return out
 
 # %% ../nbs/11_reporting.ipynb #287b8561
-def localization_sign(summary: Mapping[str, float | None], which: str = 'clean') -> str | None:
+def localization_sign(summary: Mapping[str, float | None], which: str = 'clean', z: float = 2.0) -> str | None:
     "'localizes', 'anti-localizes' or 'neither' from one method's `attention_summary` row; None without the numbers."
     p, q, c = summary.get(f'pointing_{which}'), summary.get(f'pointing_inverse_{which}'), summary.get('chance')
     if p is None or q is None or c is None: return None
-    c = 100 * c
-    if p > c and q <= c: return 'localizes'
-    if q > c and p <= c: return 'anti-localizes'
+    c, n = 100 * c, summary.get('n_localized')
+    # z standard errors of the difference of two shares of n images (taken as independent); without n, any difference
+    noise = z * math.sqrt((p * (100 - p) + q * (100 - q)) / n) if n else 0.
+    if p - q > noise and p > c: return 'localizes'
+    if q - p > noise and q > c: return 'anti-localizes'
     return 'neither'
+
 
 # %% ../nbs/11_reporting.ipynb #49550311
 def plot_attention_stats(attention: Mapping[str, Mapping[str, dict]], path, title: str = '') -> Path:
@@ -682,8 +687,8 @@ def attention_reading(attention: Mapping[str, Mapping[str, dict]], norm: str | N
         elif sign == 'localizes':
             out.append(f"The text-guided attention maps of {names}{where} localize the object ({numbers}).")
         else:
-            out.append(f"The text-guided attention maps of {names}{where} show no clear sign, neither on the object nor "
-                       f"away from it ({numbers}).")
+            out.append(f"The text-guided attention maps of {names}{where} show no clear sign: neither the peak of A nor "
+                       f"that of 1 − A lands in the object clearly more often than the other and than chance ({numbers}).")
     return out
 
 # %% ../nbs/11_reporting.ipynb #d8ac4cc9
