@@ -152,7 +152,8 @@ def test_inputs_changed_under_a_running_pipeline_are_never_recorded(smoke):
 @pytest.mark.slow
 def test_ctrl_c_of_a_stage_ends_with_one_line(smoke):
     "Item 4 (pipeline side): Ctrl-C of a fine-tuning stage: exit 130, one line naming the kept checkpoint, no traceback."
-    old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=400, checkpoint_every=1))
+    # 400 steps (epochs too: the smoke world's one epoch is a few steps, over within the second the test waits)
+    old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=400, epochs=400, checkpoint_every=1))
     model = smoke / 'models' / 'tga_zsr-0'
     try:
         shutil.rmtree(model)
@@ -299,7 +300,9 @@ def _train_argv(tmp_path, out, epochs):
 @pytest.mark.slow
 def test_cli_train_disk_full(tmp_path):
     "The disk fills up at the second checkpoint: one line naming the kept checkpoint, which is intact; no temporary file."
-    with _tmpfs(tmp_path / 'fs', '10m') as fs:   # a tga-tiny checkpoint is ~6.6 MB: the first fits, the second's temporary file not
+    # a tga-tiny checkpoint is ~6.6 MB and saving one takes twice that for a moment (safetensors' file, then its canonical
+    # copy, `core.save_safetensors`): 16 MB hold the first save (13.1 MB), not the second beside the first (19.7 MB)
+    with _tmpfs(tmp_path / 'fs', '16m') as fs:
         out = fs / 'run'
         line = _one_error_line(_cli(*_train_argv(tmp_path, out, 2), cwd=tmp_path))
         assert 'training stopped at step 2: No space left on device' in line, line
