@@ -11,7 +11,6 @@ from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .core import Registry, TGAZSRError, autocast, check_precision, from_255, load_json, resolve_device, save_json
 from .attacks import AttackConfig
