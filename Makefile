@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test test-wheel test-faults test-paper export-check notebooks lab repro verify budget bench bench-gpu
+.PHONY: venv check test test-wheel test-faults test-paper export-check notebooks lab repro verify budget bench bench-gpu
 
 venv: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
-## The test command: notebooks and library agree, notebooks are clean, every notebook's tests pass,
-## and the smoke profile of the pipeline runs end to end.
+## THE test command, what CI runs (`.ci/run`): everything the README relies on. Notebooks and library agree and are
+## clean; every notebook's tests, `slow` cells included (only `gpu` cells need a GPU); every test in tests/: the smoke
+## pipeline end to end, the fault-injection suite, the paper profile's dry run and the wheel (~40 min on 2 cores).
+## pytest lists each skipped test with its reason, one line each (-rs in pytest.ini).
+check: venv export-check
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags slow
+	$(BIN)/python -m pytest -q tests
+
+## The quick developer loop (~10 min): the same without the slow cells and the slow tests (`make check` runs them).
 test: venv export-check
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -10,7 +10,8 @@ are fixture folders in each dataset's real on-disk layout (`tga_zsr.testing.writ
 each, checksums skipped); 2 training steps of batch 2; 2 images per test dataset; every attack 2 steps; fp32 (CPU).
 
 Prints one summary line; exits 1 with the failing check (and keeps the copy) otherwise. `--keep` keeps the copy.
-Limit: 15 minutes on the 2-core machine (TGA_ZSR_PAPER_LIMIT, seconds).
+Its duration is printed, never asserted (a busy machine must not fail it); `dvc repro` is stopped only if it hangs,
+after TGA_ZSR_PAPER_HANG seconds (default 3600: four times its usual time on the 2-core machine).
 """
 import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from repo_copy import REPO, run, copy_repo
 
-LIMIT = float(os.environ.get('TGA_ZSR_PAPER_LIMIT', 900))
+HANG = float(os.environ.get('TGA_ZSR_PAPER_HANG', 3600))
 
 
 def shrink(P: dict) -> dict:
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
         # PYTHONPATH: the stages run the copy's tga_zsr, not the checkout's editable install
         env = {'HF_HUB_CACHE': str(tmp / 'hf'), 'HF_HUB_OFFLINE': '1', 'TGA_ZSR_SKIP_CHECKSUMS': '1', 'PYTHONPATH': str(repo)}
         t0 = time.time()
-        try: r = run(['dvc', 'repro'], repo, check=False, env=env, timeout=2 * LIMIT)
-        except subprocess.TimeoutExpired: raise AssertionError(f"dvc repro did not finish in {2 * LIMIT:.0f}s") from None
+        try: r = run(['dvc', 'repro'], repo, check=False, env=env, timeout=HANG)
+        except subprocess.TimeoutExpired: raise AssertionError(f"dvc repro hung: not finished after {HANG:.0f}s") from None
         t_repro = time.time() - t0
         log = r.stdout + r.stderr
         (tmp / 'repro.log').write_text(log)
@@ -127,7 +128,6 @@ def main(argv=None) -> int:
               f"dvc repro {t_repro / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")
         per_stage = ', '.join(f"{s} {float(t):.0f}s" for s, t in stage_times)
         print(f"  per stage: {per_stage}")
-        check(t_repro <= LIMIT, f"dvc repro took {t_repro:.0f}s (limit {LIMIT:.0f}s)")
         return 0
     except AssertionError as e:
         print(f"paper dry run FAILED: {e}\n  (the copy is kept at {repo})", file=sys.stderr)

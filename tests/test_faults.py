@@ -91,16 +91,32 @@ def test_verify_without_a_run_says_what_to_run_first(tmp_path):
 
 # ---------------------------------------------------------------- slow: the smoke pipeline
 
-@pytest.fixture(scope='module')
-def smoke(tmp_path_factory):
-    "A smoke copy after a full `dvc repro`."
-    dst = _smoke_copy(tmp_path_factory.mktemp('faults') / 'smoke')
-    run(['dvc', 'repro'], dst)
-    return dst
-
-
 def _up_to_date(repo):
     return 'up to date' in run(['dvc', 'status'], repo).stdout
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+    "A smoke copy after a full `dvc repro`, and what that clean run wrote: params.yaml, dvc.lock, the model's bytes."
+    dst = _smoke_copy(tmp_path_factory.mktemp('faults') / 'smoke')
+    run(['dvc', 'repro'], dst)
+    return dst, {'params.yaml': (dst / 'params.yaml').read_bytes(), 'dvc.lock': (dst / 'dvc.lock').read_bytes(),
+                 'tga_zsr-0': (dst / 'models' / 'tga_zsr-0' / 'model.safetensors').read_bytes()}
+
+
+@pytest.fixture
+def smoke(first_run):
+    """The smoke copy as its clean run left it, whatever an earlier test left behind (a failed test cannot fail the
+    next ones): params.yaml put back, then `dvc repro` brings every stage back to the recorded run."""
+    repo, clean = first_run
+    (repo / 'params.yaml').write_bytes(clean['params.yaml'])
+    run(['dvc', 'repro'], repo)
+    assert _up_to_date(repo) and (repo / 'dvc.lock').read_bytes() == clean['dvc.lock']
+    return repo
+
+
+@pytest.fixture
+def clean_run(first_run): return first_run[1]
 
 
 def _set_params(repo, edit) -> bytes:
@@ -127,16 +143,22 @@ def _wait_for(cond, timeout=240, proc=None):
 def test_inputs_changed_under_a_running_pipeline_are_never_recorded(smoke):
     "Item 1, the issue's reproduction: a profile switch during `dvc repro` is refused; params.yaml edited meanwhile fails the stage."
     lock_before = (smoke / 'dvc.lock').read_text()
-    old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=60, checkpoint_every=1))
+    # epochs too: the smoke world's one epoch is a few steps, which could end the stage before the edits below
+    old = _set_params(smoke, lambda P: P['finetune'].update(max_steps=60, epochs=60, checkpoint_every=1))
     model = smoke / 'models' / 'tga_zsr-0'
     try:
         p = _start(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr-0'], smoke)
         _wait_for(lambda: (model / 'dvclive').is_dir(), proc=p)     # the stage's notebook is training
-        r = run([*PIPELINE, 'profile', 'smoke', '--force'], smoke, check=False)
+        # Stop dvc and papermill (the kernel, in its own session, trains on): the stage cannot end while we edit, however
+        # fast or slow this machine is; they go on, and see the edit, when continued
+        os.killpg(p.pid, signal.SIGSTOP)
+        try:
+            r = run([*PIPELINE, 'profile', 'smoke', '--force'], smoke, check=False)
+            # an edit by hand (no lock to take) is caught by the stage itself
+            (smoke / 'params.yaml').write_text((smoke / 'params.yaml').read_text() + '# edited\n')
+        finally: os.killpg(p.pid, signal.SIGCONT)
         assert r.returncode == 2 and len(_error_lines(r)) == 1, r.stdout + r.stderr
         assert 'a dvc command is running in this repository (pid ' in _error_lines(r)[0]
-        # an edit by hand (no lock to take) is caught by the stage itself
-        (smoke / 'params.yaml').write_text((smoke / 'params.yaml').read_text() + '# edited\n')
         out, err = p.communicate(timeout=600)
         assert p.returncode != 0
         lines = [l for l in (out + err).splitlines() if l.startswith('error: ')]
@@ -176,15 +198,14 @@ def test_ctrl_c_of_a_stage_ends_with_one_line(smoke):
 
 @pytest.mark.parametrize('state', ['checkpoints/last.json', 'run_inputs.json', 'checkpoints/last.safetensors'])
 @pytest.mark.slow
-def test_corrupt_run_state_restarts_cleanly(smoke, state):
-    "Item 3: a truncated run-state file is named in one line and the run starts again from scratch, to the same model."
-    model = smoke / 'models' / 'tga_zsr-0'
-    weights = (model / 'model.safetensors').read_bytes()   # (dvclive/, the fourth state file, is removed once a run finishes)
+def test_corrupt_run_state_restarts_cleanly(smoke, clean_run, state):
+    "Item 3: a truncated run-state file is named in one line and the run starts again from scratch, to the clean run's model."
+    model = smoke / 'models' / 'tga_zsr-0'   # (dvclive/, the fourth state file, is removed once a run finishes)
     f = model / state
     os.truncate(f, min(1000, f.stat().st_size // 2))
     r = run(['dvc', 'repro', '-f', '-s', 'finetune@tga_zsr-0'], smoke)
     assert f'{state} is unreadable (' in r.stdout + r.stderr and 'starting this run again from scratch' in r.stdout + r.stderr
-    assert (model / 'model.safetensors').read_bytes() == weights                # the same model, byte for byte
+    assert (model / 'model.safetensors').read_bytes() == clean_run['tga_zsr-0']   # the clean run's model, byte for byte
     run(['dvc', 'repro'], smoke)
     assert _up_to_date(smoke)
 
@@ -278,6 +299,22 @@ def test_cli_make_world_disk_full(tmp_path):
         line = _one_error_line(_cli('make-world', '--root', fs / 'world', '--profile', 'miniature', '--no-progress', cwd=tmp_path))
         assert 'but only' in line and 'is free under' in line, line
         assert _files(fs) == [], _files(fs)
+
+
+def test_without_tmpfs_the_file_system_tests_say_they_were_skipped(tmp_path):
+    "Where tmpfs cannot be mounted, each file-system test is reported SKIPPED in one line saying why, and the run exits 0."
+    fake = tmp_path / 'bin'; fake.mkdir()
+    (fake / 'mount').write_text('#!/bin/sh\necho "mount: only root can do that" >&2\nexit 32\n'); (fake / 'mount').chmod(0o755)
+    env = {**_CLI_ENV, 'PATH': f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+    tests = [f'{__file__}::test_cli_make_world_disk_full', f'{__file__}::test_cli_read_only_file_system']
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', *tests], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    skipped = [l for l in r.stdout.splitlines() if l.startswith('SKIPPED')]
+    assert len(skipped) == 2 and all('NOT TESTED: cannot mount a tmpfs here to fill the disk (mount: only root can do that)'
+                                     in l for l in skipped), r.stdout
+    assert '2 skipped' in r.stdout, r.stdout
+    print('\n'.join(skipped))
 
 
 def test_cli_read_only_file_system(tmp_path):

@@ -14,7 +14,8 @@ switches it to the smoke profile (`python -m tga_zsr.pipeline profile smoke`, co
   `dvc repro`;
 - a bad value in params.yaml makes `dvc repro` fail with one message naming the key, keeping the failed notebook.
 
-Timings are printed. Set TGA_ZSR_SMOKE_LIMIT (seconds, default 300) to change the time limit of `dvc repro`.
+Timings are printed and appended to the git-ignored `logs/test_times.tsv`; no test asserts how long anything took (a busy
+machine must not turn a build red: speed is measured by `make bench`, which prints ratios).
 """
 import json, os, re, shutil, subprocess, sys, time
 from pathlib import Path
@@ -24,8 +25,18 @@ import yaml
 
 from repo_copy import REPO, BIN, run, copy_repo
 
-LIMIT = float(os.environ.get('TGA_ZSR_SMOKE_LIMIT', 300))
 TIMES: dict[str, float] = {}
+
+
+def _log_times(times: dict[str, float]) -> None:
+    "Append the timings to the git-ignored logs/test_times.tsv (best effort: a timing log never fails a test)."
+    try:
+        f = REPO / 'logs' / 'test_times.tsv'; f.parent.mkdir(exist_ok=True)
+        new = not f.is_file()
+        with open(f, 'a') as fh:
+            if new: fh.write('date\ttest\tseconds\n')
+            for k, v in times.items(): fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\tsmoke: {k}\t{v:.1f}\n")
+    except OSError: pass
 
 
 def _commit(repo, msg):
@@ -59,10 +70,10 @@ def test_repro_runs_every_stage(repo, params, capsys):
         log = (repo / 'repro.log').read_text()
         stage_times = re.findall(r'stage (\S+): done in ([\d.]+)s', log)
         print('  per stage: ' + ', '.join(f'{s} {t}s' for s, t in stage_times))
+    _log_times(TIMES)
     methods, seeds = list(params['methods']), params['seeds']
     assert len(seeds) >= 2
     assert len(stage_times) == 4 + 2 * len(methods) * len(seeds) + len(methods)   # + a checks stage per method
-    assert TIMES['dvc repro'] <= LIMIT, f"dvc repro took {TIMES['dvc repro']:.0f}s (limit {LIMIT:.0f}s)"
     nbs = repo / 'results' / 'notebooks'
     for stage in ('data', 'pretrain', 'figures', 'report'): assert (nbs / f'{stage}.ipynb').is_file(), stage
     for m in methods:

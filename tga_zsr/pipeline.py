@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 
 # %% auto #0
 __all__ = ['DATA_DIR', 'PARAMS_FILE', 'PROFILES_DIR', 'NOTEBOOKS_DIR', 'STAGES', 'PER_METHOD_STAGES', 'PER_SEED_STAGES',
-           'LOCK_FILE', 'VERIFY_TOLERANCE', 'DATA_STAGES', 'run_label', 'stage_paths', 'notebook_paths',
+           'LOCK_FILE', 'VERIFY_TOLERANCE', 'DATA_STAGES', 'KERNEL_LOGS', 'run_label', 'stage_paths', 'notebook_paths',
            'world_on_disk', 'sha256_file', 'dvc', 'make_data', 'relative_to', 'repo_lock', 'switch_profile',
            'compare_metrics', 'verify', 'run_stage', 'stage_name', 'params_fingerprint', 'StageFailed',
-           'normalize_executed_notebook', 'interrupted_message', 'main']
+           'normalize_executed_notebook', 'kernel_log_path', 'kernel_log_manager', 'interrupted_message', 'main']
 
 # %% ../nbs/13_pipeline.ipynb #f5e3a8f4
 DATA_DIR = 'data'
@@ -255,12 +255,17 @@ def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '
     if not (root / nb_in).is_file(): raise _err(f"stage notebook not found: {root / nb_in}")
     if stage in DATA_STAGES and not (root / DATA_DIR).is_dir(): raise _err(_no_data_message(root, params_path))
     before = params_fingerprint(root, params_path)
+    if stage == 'finetune' and method is not None and seed is not None:
+        # here, not in the kernel: the restart is told on the terminal, and the executed notebook keeps a clean run's bytes
+        from tga_zsr.stage_finetune import discard_unreadable_run
+        discard_unreadable_run(root / stage_paths(method, seed)['model_dir'], log=lambda m: print(m, file=sys.stderr))
     (root / nb_out).parent.mkdir(parents=True, exist_ok=True)
     parameters = {'params_path': params_path, **({'method': method} if method else {}), **({'seed': seed} if seed is not None else {})}
     os.environ.setdefault('JUPYTER_PREFER_ENV_PATH', '1')   # the venv's kernel before any user-level one
     try:
         pm.execute_notebook(str(root / nb_in), str(root / nb_out), parameters=parameters, kernel_name=kernel,
-                            cwd=str(root), log_output=log_output, progress_bar=False)
+                            cwd=str(root), log_output=log_output, progress_bar=False,
+                            kernel_manager_class=kernel_log_manager(root / kernel_log_path(stage, method, seed)))
     except pm.PapermillExecutionError as e:
         raise StageFailed(stage, method, e.ename, e.evalue, root / nb_out, seed) from None
     finally:
@@ -329,6 +334,24 @@ def normalize_executed_notebook(path: str | os.PathLike) -> None:
         cell.outputs = outputs
     from tga_zsr.core import atomic_path
     with atomic_path(Path(path)) as tmp: nbformat.write(nb, str(tmp))
+
+# %% ../nbs/13_pipeline.ipynb #25b1da9e
+KERNEL_LOGS = 'logs/kernels'   # git-ignored, like every log
+
+def kernel_log_path(stage: str, method: str | None = None, seed: int | None = None) -> str:
+    "Where a stage's kernel writes its own log (ipykernel's stderr), relative to the repository root."
+    return f"{KERNEL_LOGS}/{stage_name(stage, method, seed)}.log"
+
+def kernel_log_manager(log: str | os.PathLike) -> type:
+    "A jupyter kernel manager class (for papermill) whose kernel process writes its stderr to `log`, not to the terminal."
+    from jupyter_client.manager import AsyncKernelManager
+    log = Path(log)
+    class KernelLogManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, 'wb') as fh: return await super().start_kernel(stderr=fh, **kw)   # the kernel keeps its copy
+    return KernelLogManager
+
 
 # %% ../nbs/13_pipeline.ipynb #6d005d0a
 _QUIET_LOG_PREFIXES = ('Executing Cell', 'Ending Cell', 'Executing notebook with kernel', 'Input Notebook', 'Output Notebook',

@@ -12,7 +12,8 @@ from .pipeline import stage_paths, sha256_file, relative_to
 from .params import StudyParams, configure, device_precision
 
 # %% auto #0
-__all__ = ['RUN_INPUTS', 'run_state_problem', 'checkpoint_step', 'prepare_run_dir', 'collect_curves', 'stage_finetune']
+__all__ = ['RUN_INPUTS', 'run_state_problem', 'checkpoint_step', 'prepare_run_dir', 'collect_curves', 'stage_finetune',
+           'discard_unreadable_run']
 
 # %% ../nbs/13e_stage_finetune.ipynb #66e7cc6e
 def _jsonable(d): return json.loads(json.dumps(d))
@@ -69,9 +70,8 @@ def prepare_run_dir(cfg, pretrained: Path, log=print) -> bool:
     out = Path(cfg.out); stamp = out / RUN_INPUTS
     inputs = _jsonable({'identity': run_identity(cfg), 'pretrained_sha256': sha256_file(pretrained) if pretrained.is_file() else None})
     state = out / 'checkpoints' / 'last.json'
-    problem = run_state_problem(out) if out.exists() else None
-    if problem: log(f"finetune: {problem}; starting this run again from scratch")
-    resume = (problem is None and stamp.is_file() and json.loads(stamp.read_text()) == inputs and state.is_file()
+    restarted = discard_unreadable_run(out, log)
+    resume = (not restarted and stamp.is_file() and json.loads(stamp.read_text()) == inputs and state.is_file()
               and not json.loads(state.read_text()).get('finished', False))
     if out.exists() and not resume: shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,3 +128,13 @@ def stage_finetune(params: StudyParams, method: str, seed: int | None = None, ro
     summary = load_json(root / p['model_dir'] / 'train_summary.json')
     return {'method': method, 'seed': seed, 'model': relative_to(path, root), 'resumed': resumed,
             'steps': summary.get('steps'), 'final': {k: v[-1] for k, v in curves.items() if v and k != 'step'}}
+
+# %% ../nbs/13e_stage_finetune.ipynb #c275995f
+def discard_unreadable_run(out: str | os.PathLike, log=print) -> bool:
+    "Remove the run folder `out` when a run-state file in it is unreadable (`run_state_problem`), saying which in one line."
+    out = Path(out)
+    problem = run_state_problem(out) if out.exists() else None
+    if problem is None: return False
+    log(f"finetune: {problem}; starting this run again from scratch")
+    shutil.rmtree(out); return True
+

@@ -4,7 +4,8 @@
 
 # %% ../nbs/09_training.ipynb #31392207
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, re, socket, time
+import dataclasses, hashlib, json, math, os, re, signal, socket, time
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +27,7 @@ from .attention import NOT_TEMPLATE
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'run_identity', 'check_config', 'cosine_lr', 'derived_seed', 'epoch_batches',
            'shard_bounds', 'DistEnv', 'TokenEncoder', 'as_os_error', 'save_checkpoint', 'load_checkpoint',
-           'restore_checkpoint', 'trainable_parameters', 'export_model', 'train', 'run_processes']
+           'restore_checkpoint', 'trainable_parameters', 'export_model', 'deferred_sigint', 'train', 'run_processes']
 
 # %% ../nbs/09_training.ipynb #1bee40e8
 from .config import ConfigError, require, checked, fmt_value, from_mapping, typed_copy
@@ -325,6 +326,19 @@ def _resume(ckpt_dir: Path, identity: dict, clip: ClipModel, optimizer: torch.op
     set_rng_state(state['rng'])
     return state['step']
 
+# %% ../nbs/09_training.ipynb #100cd753
+@contextmanager
+def deferred_sigint():
+    "Record SIGINT instead of raising (a second one raises as usual); yields `() -> bool`: did one come? Main thread only."
+    got = []
+    def record(signum, frame):
+        got.append(signum); signal.signal(signal.SIGINT, previous)   # the next Ctrl-C: the usual KeyboardInterrupt
+    try: previous = signal.signal(signal.SIGINT, record) or signal.default_int_handler
+    except ValueError: yield lambda: False; return              # not the main thread: signals cannot be handled here
+    try: yield lambda: bool(got)
+    finally: signal.signal(signal.SIGINT, previous)
+
+
 # %% ../nbs/09_training.ipynb #e58247f5
 def train(cfg: TrainConfig, train_set: Any = None, callbacks: Sequence[Callable[[dict], None]] = ()) -> Path:
     """Fine-tune `cfg.method` and return `<out>/model.safetensors` (or the checkpoint path when `stop_after` stopped it).
@@ -403,53 +417,55 @@ def _train(cfg, method, env, device, train_set, callbacks):
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and env.is_main), desc=f'{method.name}')
     clip.model.visual.train()
     steps_here, last = 0, {}
-    try:
-        while step < total_steps:
-            epoch, first = divmod(step, batches_per_epoch)
-            batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, min_size=env.world_size)
-            todo = batches[first:batches_per_epoch][:total_steps - step]
-            bounds = [shard_bounds(len(b), env.world_size, env.rank) for b in todo]
-            loader = DataLoader(dataset, batch_sampler=[b[lo:hi].tolist() for b, (lo, hi) in zip(todo, bounds)],
-                                num_workers=cfg.num_workers, collate_fn=_collate_xy, pin_memory=device.type == 'cuda')
-            for (images, labels), b, (lo, hi) in zip(loader, todo, bounds):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
-                for g in optimizer.param_groups: g['lr'] = lr
-                delta = None
-                if method.adversarial and attack.steps > 0 and attack.eps > 0:
-                    delta = _attack_start(cfg, attack, step, len(b), images.shape[1:], lo, hi, device)
-                ctx = StepContext(clip, weights, original=original, not_weights=not_weights, attack=attack,
-                                  delta_init=delta, encode=encoder, alpha=cfg.alpha, beta=cfg.beta,
-                                  distance=cfg.distance, token_norm=cfg.token_norm, attention_size=cfg.attention_size,
-                                  ft_loss=cfg.ft_loss, gradcam_target=cfg.gradcam_target, sum_weight=len(b) / (hi - lo))
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, precision): loss, parts = method.step(ctx, images, labels)   # the attack inherits it
-                keys, stats = _global_means(loss, parts, device, env, lo, hi, len(b))      # logged values
-                if not math.isfinite(stats[0]):
-                    good = ckpt_dir/'last.safetensors'
-                    raise TGAZSRError(f"loss is {stats[0]} at step {step} (method {method.name}, lr {lr:.3g}); training "
-                                      f"stopped. Last good checkpoint: {good if good.exists() else 'none yet'}")
-                _update(loss, (hi - lo) * env.world_size / len(b), optimizer, scaler)
-                step += 1; steps_here += 1
-                last = {'loss': stats[0], **dict(zip(keys, stats[1:])), 'lr': lr}
-                if live is not None and (step - 1) % cfg.log_every == 0: _log_step(live, step - 1, last, epoch)
-                bar.update(1); bar.set_postfix(loss=f"{stats[0]:.4f}", refresh=False)
-                end_of_epoch = step % batches_per_epoch == 0 or step == total_steps
-                stop = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < total_steps
-                if end_of_epoch or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    checkpoint(step // batches_per_epoch, finished=step == total_steps)
-                for cb in callbacks:
-                    cb({'step': step, 'epoch': epoch, 'loss': stats[0], 'parts': last, 'lr': lr, 'clip': clip,
-                        'optimizer': optimizer, 'scaler': scaler})
-                if stop: return ckpt_dir/'last.safetensors'
-    # Ctrl-C stays a plain KeyboardInterrupt (callers such as the pipeline test its type name), now saying what was kept
-    except KeyboardInterrupt: raise KeyboardInterrupt(f"interrupted at step {step}; {kept()}") from None
-    except OSError as e:   # disk full, permission denied: the checkpoint writes are atomic, the last good one stays
-        where = f" ({e.filename})" if e.filename else ''
-        raise TGAZSRError(f"training stopped at step {step}: {e.strerror or e}{where}; {kept()}") from None
-    finally:
-        bar.close()
-        if live is not None: live.end()
+    with deferred_sigint() as interrupted:   # Ctrl-C stops at a step boundary, never lost in a finalizer
+        try:
+            while step < total_steps:
+                epoch, first = divmod(step, batches_per_epoch)
+                batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, min_size=env.world_size)
+                todo = batches[first:batches_per_epoch][:total_steps - step]
+                bounds = [shard_bounds(len(b), env.world_size, env.rank) for b in todo]
+                loader = DataLoader(dataset, batch_sampler=[b[lo:hi].tolist() for b, (lo, hi) in zip(todo, bounds)],
+                                    num_workers=cfg.num_workers, collate_fn=_collate_xy, pin_memory=device.type == 'cuda')
+                for (images, labels), b, (lo, hi) in zip(loader, todo, bounds):
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
+                    for g in optimizer.param_groups: g['lr'] = lr
+                    delta = None
+                    if method.adversarial and attack.steps > 0 and attack.eps > 0:
+                        delta = _attack_start(cfg, attack, step, len(b), images.shape[1:], lo, hi, device)
+                    ctx = StepContext(clip, weights, original=original, not_weights=not_weights, attack=attack,
+                                      delta_init=delta, encode=encoder, alpha=cfg.alpha, beta=cfg.beta,
+                                      distance=cfg.distance, token_norm=cfg.token_norm, attention_size=cfg.attention_size,
+                                      ft_loss=cfg.ft_loss, gradcam_target=cfg.gradcam_target, sum_weight=len(b) / (hi - lo))
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, precision): loss, parts = method.step(ctx, images, labels)   # the attack inherits it
+                    keys, stats = _global_means(loss, parts, device, env, lo, hi, len(b))      # logged values
+                    if not math.isfinite(stats[0]):
+                        good = ckpt_dir/'last.safetensors'
+                        raise TGAZSRError(f"loss is {stats[0]} at step {step} (method {method.name}, lr {lr:.3g}); training "
+                                          f"stopped. Last good checkpoint: {good if good.exists() else 'none yet'}")
+                    _update(loss, (hi - lo) * env.world_size / len(b), optimizer, scaler)
+                    step += 1; steps_here += 1
+                    last = {'loss': stats[0], **dict(zip(keys, stats[1:])), 'lr': lr}
+                    if live is not None and (step - 1) % cfg.log_every == 0: _log_step(live, step - 1, last, epoch)
+                    bar.update(1); bar.set_postfix(loss=f"{stats[0]:.4f}", refresh=False)
+                    end_of_epoch = step % batches_per_epoch == 0 or step == total_steps
+                    stop = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < total_steps
+                    if end_of_epoch or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                        checkpoint(step // batches_per_epoch, finished=step == total_steps)
+                    for cb in callbacks:
+                        cb({'step': step, 'epoch': epoch, 'loss': stats[0], 'parts': last, 'lr': lr, 'clip': clip,
+                            'optimizer': optimizer, 'scaler': scaler})
+                    if stop: return ckpt_dir/'last.safetensors'
+                    if interrupted(): raise KeyboardInterrupt   # a Ctrl-C during this step: stop here
+        # Ctrl-C stays a plain KeyboardInterrupt (callers such as the pipeline test its type name), now saying what was kept
+        except KeyboardInterrupt: raise KeyboardInterrupt(f"interrupted at step {step}; {kept()}") from None
+        except OSError as e:   # disk full, permission denied: the checkpoint writes are atomic, the last good one stays
+            where = f" ({e.filename})" if e.filename else ''
+            raise TGAZSRError(f"training stopped at step {step}: {e.strerror or e}{where}; {kept()}") from None
+        finally:
+            bar.close()
+            if live is not None: live.end()
     path = out/'model.safetensors'
     if env.is_main:
         export_model(clip, path, method.name)
