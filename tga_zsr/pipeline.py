@@ -250,6 +250,7 @@ def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '
     # (~2 s, more than the rest of papermill); nbformat never validates IRIs, so skip it: every stage starts faster.
     sys.modules.setdefault('rfc3987_syntax', None)
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
     root = Path(root).resolve()
     nb_in, nb_out = notebook_paths(stage, method, seed)
     if not (root / nb_in).is_file(): raise _err(f"stage notebook not found: {root / nb_in}")
@@ -268,6 +269,9 @@ def run_stage(stage: str, method: str | None = None, root: str | os.PathLike = '
                             kernel_manager_class=kernel_log_manager(root / kernel_log_path(stage, method, seed)))
     except pm.PapermillExecutionError as e:
         raise StageFailed(stage, method, e.ename, e.evalue, root / nb_out, seed) from None
+    except DeadKernelError as e:      # killed (out of memory?) or crashed: its last words are in its own log
+        raise _err(f"the kernel of stage {stage_name(stage, method, seed)} died ({' '.join(str(e).split())}); its log: "
+                   f"{root / kernel_log_path(stage, method, seed)}") from None
     finally:
         if (root / nb_out).is_file(): normalize_executed_notebook(root / nb_out)
     changed = [f for f, h in params_fingerprint(root, params_path).items() if h != before[f]]
@@ -343,13 +347,16 @@ def kernel_log_path(stage: str, method: str | None = None, seed: int | None = No
     return f"{KERNEL_LOGS}/{stage_name(stage, method, seed)}.log"
 
 def kernel_log_manager(log: str | os.PathLike) -> type:
-    "A jupyter kernel manager class (for papermill) whose kernel process writes its stderr to `log`, not to the terminal."
+    "A jupyter kernel manager class (for papermill) whose kernel process appends its stderr to `log`, not the terminal."
     from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Float
     log = Path(log)
     class KernelLogManager(AsyncKernelManager):
+        shutdown_wait_time = Float(120.0)   # after Ctrl-C the kernel ends its training step (and checkpoint) first
         async def start_kernel(self, **kw):
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, 'wb') as fh: return await super().start_kernel(stderr=fh, **kw)   # the kernel keeps its copy
+            try: log.parent.mkdir(parents=True, exist_ok=True); fh = open(log, 'ab')
+            except OSError: return await super().start_kernel(**kw)   # best effort: the terminal, as before
+            with fh: return await super().start_kernel(stderr=fh, **kw)   # the kernel keeps its own copy
     return KernelLogManager
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_training.ipynb #31392207
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, re, signal, socket, time
+import dataclasses, hashlib, json, math, os, re, signal, socket, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -330,13 +330,14 @@ def _resume(ckpt_dir: Path, identity: dict, clip: ClipModel, optimizer: torch.op
 @contextmanager
 def deferred_sigint():
     "Record SIGINT instead of raising (a second one raises as usual); yields `() -> bool`: did one come? Main thread only."
-    got = []
-    def record(signum, frame):
-        got.append(signum); signal.signal(signal.SIGINT, previous)   # the next Ctrl-C: the usual KeyboardInterrupt
-    try: previous = signal.signal(signal.SIGINT, record) or signal.default_int_handler
-    except ValueError: yield lambda: False; return              # not the main thread: signals cannot be handled here
+    got, previous = [], signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield lambda: False; return        # Ctrl-C is ignored anyway / no signal handlers outside the main thread
+    restore = signal.default_int_handler if previous is None else previous   # None: a handler set from C
+    def record(signum, frame): got.append(signum); signal.signal(signal.SIGINT, restore)   # the next one acts at once
+    signal.signal(signal.SIGINT, record)
     try: yield lambda: bool(got)
-    finally: signal.signal(signal.SIGINT, previous)
+    finally: signal.signal(signal.SIGINT, restore)
 
 
 # %% ../nbs/09_training.ipynb #e58247f5
@@ -456,8 +457,9 @@ def _train(cfg, method, env, device, train_set, callbacks):
                     for cb in callbacks:
                         cb({'step': step, 'epoch': epoch, 'loss': stats[0], 'parts': last, 'lr': lr, 'clip': clip,
                             'optimizer': optimizer, 'scaler': scaler})
+                    # a Ctrl-C during this step stops here (after the last step the run is complete: it ends normally)
+                    if interrupted() and step < total_steps: raise KeyboardInterrupt
                     if stop: return ckpt_dir/'last.safetensors'
-                    if interrupted(): raise KeyboardInterrupt   # a Ctrl-C during this step: stop here
         # Ctrl-C stays a plain KeyboardInterrupt (callers such as the pipeline test its type name), now saying what was kept
         except KeyboardInterrupt: raise KeyboardInterrupt(f"interrupted at step {step}; {kept()}") from None
         except OSError as e:   # disk full, permission denied: the checkpoint writes are atomic, the last good one stays
