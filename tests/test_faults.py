@@ -125,10 +125,18 @@ def _set_params(repo, edit) -> bytes:
     return old
 
 
+def _sigint_default():
+    """In the child, before it runs: SIGINT back to its default. A process started in the background by a shell without
+    job control (`make check &` in a script) inherits SIGINT *ignored*, and so would every command a test starts: the
+    Ctrl-C tests would then test nothing (training ran on and exited 0). The commands themselves respect an ignored
+    SIGINT, as they should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd, repo):
-    "Start `cmd` in its own process group (a terminal's Ctrl-C reaches the whole group)."
+    "Start `cmd` in its own process group (a terminal's Ctrl-C reaches the whole group), with Ctrl-C not ignored."
     return subprocess.Popen(cmd, cwd=repo, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
 
 
 def _stop(p):
@@ -377,7 +385,7 @@ def test_cli_train_ctrl_c(tmp_path):
     out = tmp_path / 'run'
     argv = _train_argv(tmp_path, out, 300)   # 900 steps: still running when interrupted
     p = subprocess.Popen([*_TGA_ZSR, *map(str, argv)], cwd=tmp_path, env=_CLI_ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     t0 = time.time()
     while not (out / 'checkpoints' / 'last.json').exists():   # a bounded wait against a hang, not a speed limit
         assert p.poll() is None, f'training ended before its first checkpoint: {p.communicate()}'
